@@ -1,0 +1,346 @@
+"""``python -m builders.make_shards``: ImageNet images + boxes/masks -> variant shards.
+
+Plan first (filters, partners, textures, rejections), then build shard by
+shard in parallel (joblib: loky locally, or an existing Dask cluster), then
+write one manifest per variant. Rerunning the same command skips the shards
+that are already complete and valid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+
+from builders.config import BuildConfig, ConfigError, load_recipe, list_recipes
+from builders.plan import Plan, make_plan, probe_batch
+from builders.shards import ShardResult, build_chunk, read_completion
+from pipeline.records import Rejection, SourceRecord
+from pipeline.shard_format import FILLS, FORMAT_VERSION, MANIFEST_NAME, REJECTED_NAME, VARIANTS
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, argparse.Namespace]:
+    p = argparse.ArgumentParser(
+        prog="python -m builders.make_shards",
+        description="Build background-variant WebDataset shards (Background Check / ImageNet-9) "
+        "from ImageNet-style images and boxes or masks. With no --source, builds the embedded demo.",
+    )
+    p.add_argument("--variant", action="append", metavar="ID",
+                   help=f"variant to build (repeatable, or 'all'): {', '.join(VARIANTS)}. Default mixed_rand")
+    p.add_argument("--recipe", help=f"JSON build config (file, or built-in name: {', '.join(list_recipes())}); "
+                   "command-line options override it")
+    p.add_argument("--source", choices=["demo", "imagenet-val", "imagenet-train", "loc-csv", "coco", "mask-dir"],
+                   help="input layout (default demo)")
+    p.add_argument("--images", help="image folder (val: flat; train: <wnid>/ subfolders)")
+    p.add_argument("--annotations", help="boxes/masks: VOC XML folder or .tgz, LOC_*_solution.csv, COCO JSON, "
+                   "or a PNG mask folder")
+    p.add_argument("--category-map", help="coco: JSON mapping category id/name -> ImageNet wnid")
+    p.add_argument("--out", help="output folder (default ./shards)")
+    p.add_argument("--size", type=int, help="frame size after the centre crop (default 224)")
+    p.add_argument("--resize", type=int, help="shorter side before the crop (default 256)")
+    p.add_argument("--mask", choices=["box", "segm", "grabcut"], help="foreground mask source (default box)")
+    p.add_argument("--fill", choices=list(FILLS), help="fill for only_fg/only_bg_b/no_fg (default black)")
+    p.add_argument("--textures", help="folder of texture images for 'texture' (default: built-in procedural set)")
+    p.add_argument("--classes", help="all | in9 | FILE of wnids or class indices (default all)")
+    p.add_argument("--per-class", type=int, help="keep at most N images per class (seeded choice)")
+    p.add_argument("--partner-level", choices=["class", "in9"],
+                   help="class relation for mixed_same/mixed_next (default class; the imagenet9 recipe uses in9)")
+    p.add_argument("--exactly-one-box", action="store_true", default=None, help="NoS filter: drop images with >1 box")
+    p.add_argument("--max-box-fraction", type=float,
+                   help="background-only variants: drop boxes covering more of the frame (default 0.9; 1 = off)")
+    p.add_argument("--max-box-cropped", type=float,
+                   help="drop images whose box loses at least this fraction to the crop (default 0.5; 1 = off)")
+    p.add_argument("--seed", type=int, help="seed for partners, textures and noise fills (default 0)")
+    p.add_argument("--workers", type=int, help="parallel workers (default 1)")
+    p.add_argument("--backend", choices=["loky", "dask"], help="joblib backend (default loky)")
+    p.add_argument("--scheduler", help="Dask scheduler address tcp://HOST:PORT (with --backend dask)")
+    p.add_argument("--shard-size", type=int, help="source images per shard (default 1000)")
+    p.add_argument("--format", choices=["jpg", "png", "webp"], help="image encoding (default jpg)")
+    p.add_argument("--quality", type=int, help="JPEG/WebP quality (default 95)")
+    p.add_argument("--with-masks", action="store_true", default=None, help="also store <key>.mask.png")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+
+    values: dict = {}
+    if args.recipe:
+        values.update(load_recipe(args.recipe))
+        values["recipe"] = args.recipe
+    mapping = {
+        "source": "source", "images": "images", "annotations": "annotations", "category_map": "category_map",
+        "out": "out", "size": "size", "resize": "resize", "mask": "mask", "fill": "fill", "textures": "textures",
+        "classes": "classes", "per_class": "per_class", "partner_level": "partner_level",
+        "exactly_one_box": "exactly_one_box", "max_box_fraction": "max_box_fraction",
+        "max_box_cropped": "max_box_cropped", "seed": "seed", "workers": "workers", "backend": "backend",
+        "scheduler": "scheduler", "shard_size": "shard_size", "format": "format", "quality": "quality",
+        "with_masks": "with_masks",
+    }
+    for arg, name in mapping.items():
+        value = getattr(args, arg)
+        if value is not None:
+            values[name] = value
+    for name in ("max_box_fraction", "max_box_cropped"):
+        if values.get(name) is not None and values[name] >= 1:
+            values[name] = None
+    if args.variant:
+        chosen: list[str] = []
+        for v in args.variant:
+            for part in v.split(","):
+                chosen.extend(VARIANTS if part == "all" else [part])
+        values["variants"] = tuple(dict.fromkeys(chosen))
+    if values.get("source") not in (None, "demo") and not values.get("images"):
+        raise ConfigError(f"--source {values['source']} needs --images DIR")
+    known = {f.name for f in fields(BuildConfig)}
+    config = replace(BuildConfig(), **{k: v for k, v in values.items() if k in known})
+    if "variants" in values:
+        config = replace(config, variants=tuple(config.variants))
+    return config.validate(), args
+
+
+def read_inputs(config: BuildConfig) -> list[SourceRecord | Rejection]:
+    if config.source == "demo":
+        from pipeline.demo import read_demo
+
+        return list(read_demo())
+    from pipeline.sources import read_source
+
+    options = {"category_map": config.category_map} if config.source == "coco" and config.category_map else {}
+    return list(read_source(config.source, config.images, config.annotations, **options))
+
+
+def _parallel(config: BuildConfig, n_jobs: int):
+    import joblib
+
+    return joblib.Parallel(n_jobs=n_jobs, return_as="generator_unordered", backend="loky" if n_jobs > 1 else None)
+
+
+def run_jobs(config: BuildConfig, calls: list, weights: list[int], desc: str, progress: bool) -> list:
+    """Run delayed calls on the configured backend, with a progress bar weighted by images."""
+    import joblib
+    from tqdm import tqdm
+
+    bar = tqdm(total=sum(weights), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
+    results: list = [None] * len(calls)
+    tagged = [joblib.delayed(_tagged)(i, c[0], c[1], c[2]) for i, c in enumerate(calls)]
+    try:
+        if config.backend == "dask":
+            from dask.distributed import Client
+
+            with Client(config.scheduler, timeout="30s"), joblib.parallel_config(backend="dask"):
+                stream = joblib.Parallel(return_as="generator_unordered")(tagged)
+                for i, value in stream:
+                    results[i] = value
+                    bar.update(weights[i])
+        else:
+            n_jobs = min(config.workers, max(1, len(calls)))
+            for i, value in _parallel(config, n_jobs)(tagged) if n_jobs > 1 else (t[0](*t[1], **t[2]) for t in tagged):
+                results[i] = value
+                bar.update(weights[i])
+    finally:
+        bar.close()
+    return results
+
+
+def _tagged(i, fn, args, kwargs):
+    return i, fn(*args, **kwargs)
+
+
+def probe_all(config: BuildConfig, items: list, progress: bool) -> dict:
+    import joblib
+
+    records = [r for r in items if isinstance(r, SourceRecord)]
+    batch = 512
+    batches = [records[i : i + batch] for i in range(0, len(records), batch)]
+    calls = [joblib.delayed(probe_batch)(b, config) for b in batches]
+    out = run_jobs(config, calls, [len(b) for b in batches], "plan", progress)
+    probes = {}
+    for b, result in zip(batches, out):
+        for record, probe in zip(b, result):
+            probes[record.key] = probe
+    return probes
+
+
+def versions() -> dict:
+    import numpy
+    import PIL
+
+    out = {"python": platform.python_version(), "numpy": numpy.__version__, "pillow": PIL.__version__}
+    try:
+        from PIL import features
+
+        out["libjpeg_turbo"] = features.version("libjpeg_turbo")
+    except Exception:
+        pass
+    for name in ("webdataset", "pycocotools", "joblib"):
+        try:
+            from importlib.metadata import version
+
+            out[name] = version(name)
+        except Exception:
+            pass
+    try:
+        from importlib.metadata import version
+
+        out["bgcheck"] = version("bgcheck")
+    except Exception:
+        out["bgcheck"] = "source"
+    return out
+
+
+def build(config: BuildConfig, progress: bool = True) -> dict[str, dict]:
+    """Plan, build missing shards, write manifests. Returns {variant: manifest}."""
+    import joblib
+
+    items = read_inputs(config)
+    if not items:
+        raise ConfigError("no input images found")
+    probes = probe_all(config, items, progress)
+    plan = make_plan(items, config, probes)
+    chunks = plan.chunks()
+    out = Path(config.out)
+    dropped = {v: {r.key for r in plan.variant_rejections[v]} for v in config.variants}
+
+    done: dict[tuple[str, int], ShardResult] = {}
+    todo: list[tuple[int, list[str]]] = []
+    for index in range(len(chunks)):
+        missing = []
+        for v in config.variants:
+            from pipeline.shard_format import shard_name
+
+            prior = read_completion(out / v, shard_name(v, index), config.variant_hash(v))
+            if prior is None:
+                missing.append(v)
+            else:
+                done[(v, index)] = prior
+        if missing:
+            todo.append((index, missing))
+    _clear_stale(out, config, len(chunks))
+
+    calls = []
+    for index, variants in todo:
+        chunk = chunks[index]
+        keys = {r.key for r in chunk}
+        assignments = {v: {k: a for k, a in plan.assignments[v].items() if k in keys} for v in variants}
+        partners = {
+            a.bg_key: plan.partners[a.bg_key] for per in assignments.values() for a in per.values() if a.bg_key
+        }
+        chunk_dropped = {v: dropped[v] & keys for v in variants}
+        calls.append(
+            joblib.delayed(build_chunk)(index, chunk, variants, config, assignments, chunk_dropped, partners)
+        )
+    if calls:
+        built = run_jobs(config, calls, [len(chunks[i]) for i, _ in todo], "build", progress)
+        for results in built:
+            for res in results:
+                done[(res.variant, int(res.name.rsplit("-", 1)[1].split(".")[0]))] = res
+    manifests = {}
+    for v in config.variants:
+        shards = [done[(v, i)] for i in range(len(chunks))]
+        manifests[v] = write_manifest(out / v, v, config, plan, shards)
+    return manifests
+
+
+def _clear_stale(out: Path, config: BuildConfig, n_chunks: int) -> None:
+    """Remove temporary files of killed runs and shards beyond this plan's count."""
+    from pipeline.shard_format import shard_name
+
+    for v in config.variants:
+        folder = out / v
+        if not folder.is_dir():
+            continue
+        for tmp in folder.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+        index = n_chunks
+        while (folder / shard_name(v, index)).exists():
+            (folder / shard_name(v, index)).unlink()
+            (folder / ".build" / f"{shard_name(v, index)}.json").unlink(missing_ok=True)
+            index += 1
+
+
+def write_manifest(folder: Path, variant: str, config: BuildConfig, plan: Plan, shards: list[ShardResult]) -> dict:
+    """manifest.json + rejected.jsonl for one variant; accepted + rejected = inputs."""
+    rejected = [r.to_json() for r in plan.rejections]
+    rejected += [r.to_json() for r in plan.variant_rejections[variant]]
+    for s in shards:
+        rejected.extend(s.rejections)
+    rejected.sort(key=lambda r: r["key"])
+    histogram: dict[str, int] = {}
+    for s in shards:
+        for label, n in s.labels.items():
+            histogram[label] = histogram.get(label, 0) + n
+    total = sum(s.count for s in shards)
+    if total + len(rejected) != plan.n_inputs:
+        raise RuntimeError(
+            f"{variant}: {total} accepted + {len(rejected)} rejected != {plan.n_inputs} inputs (internal error)"
+        )
+    reasons: dict[str, int] = {}
+    for r in rejected:
+        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "variant": variant,
+        "config": config.output_config(),
+        "config_hash": config.variant_hash(variant),
+        "seed": config.seed,
+        "versions": versions(),
+        "source": {"kind": config.source, "annotation_sha256": plan.source_hash, "inputs": plan.n_inputs},
+        "textures": plan.textures if variant == "texture" else None,
+        "shards": [{"name": s.name, "sha256": s.sha256, "bytes": s.bytes, "count": s.count} for s in shards],
+        "totals": {
+            "samples": total,
+            "shards": len(shards),
+            "bytes": sum(s.bytes for s in shards),
+            "inputs": plan.n_inputs,
+            "rejected": len(rejected),
+        },
+        "class_histogram": dict(sorted(histogram.items(), key=lambda kv: int(kv[0]))),
+        "rejected_reasons": dict(sorted(reasons.items())),
+        "rejected": rejected,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic_write(folder / REJECTED_NAME, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejected))
+    _atomic_write(folder / MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return manifest
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config, args = parse_args(argv)
+    except ConfigError as exc:
+        print(f"make_shards: error: {exc}", file=sys.stderr)
+        return 2
+    progress = not args.no_progress and sys.stderr.isatty()
+    started = time.time()
+    try:
+        manifests = build(config, progress=progress)
+    except ConfigError as exc:
+        print(f"make_shards: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("make_shards: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        print(f"make_shards: error: {exc.strerror or exc} ({exc.filename or ''})", file=sys.stderr)
+        return 1
+    elapsed = time.time() - started
+    for v, m in manifests.items():
+        t = m["totals"]
+        print(f"{v:>11}: {t['samples']} samples in {t['shards']} shard(s), {t['rejected']} rejected "
+              f"-> {Path(config.out) / v}")
+    n = max(m["source"]["inputs"] for m in manifests.values())
+    print(f"{n} inputs, {len(manifests)} variant(s) in {elapsed:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,280 @@
+"""Plan a build before building: who is in, who is out and why, and every sample's partner.
+
+The plan depends only on the inputs, the config and the seed: partners and
+textures are drawn from ``(seed, key)``, never from a global RNG, and the
+chunking into shards does not depend on which variants are requested, so a
+variant's shards are the same whether it is built alone or with others.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from builders.config import BuildConfig
+from pipeline.classes import imagenet_classes, to_in9
+from pipeline.decode import exif_transpose_code, open_image
+from pipeline.masks import SelectionFilters
+from pipeline.prepare import sample_geometry
+from pipeline.records import RejectedInput, Rejection, SourceRecord
+from pipeline.rng import rng_for
+from pipeline.shard_format import BACKGROUND_ONLY_VARIANTS, MIXED_VARIANTS
+from pipeline.textures import N_PROCEDURAL
+
+TEXTURE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What a sample needs from elsewhere for one variant."""
+
+    bg_key: str | None = None
+    bg_label: int | None = None
+    texture: str | None = None  # "procedural:07" or a file name under --textures
+
+
+@dataclass
+class Probe:
+    """What the plan knows of a source from its header alone."""
+
+    key: str
+    bg_ok: bool  # may serve as a background (no box_too_large, a strip left to tile)
+    failures: list[str]
+
+
+@dataclass
+class Plan:
+    config: BuildConfig
+    inputs: list[SourceRecord]  # accepted inputs in shard order (sorted by key)
+    rejections: list[Rejection]  # variant == "" means rejected for every variant
+    assignments: dict[str, dict[str, Assignment]]  # variant -> key -> assignment
+    variant_rejections: dict[str, list[Rejection]]  # variant -> rejections for that variant only
+    textures: list[str]
+    source_hash: str
+    n_inputs: int
+    partners: dict[str, SourceRecord] = field(default_factory=dict)
+
+    def chunks(self) -> list[list[SourceRecord]]:
+        size = self.config.shard_size
+        return [self.inputs[i : i + size] for i in range(0, len(self.inputs), size)]
+
+    def accepted(self, variant: str) -> list[str]:
+        dropped = {r.key for r in self.variant_rejections.get(variant, [])}
+        return [r.key for r in self.inputs if r.key not in dropped]
+
+
+def filters_of(config: BuildConfig) -> SelectionFilters:
+    return SelectionFilters(config.exactly_one_box, config.max_box_fraction, config.max_box_cropped)
+
+
+def group_of(label: int, level: str) -> int:
+    """The class relation used by mixed_same / mixed_next."""
+    return to_in9(label) if level == "in9" else label
+
+
+def probe_record(record: SourceRecord, config: BuildConfig) -> Probe:
+    """Header-only geometry: frame, framed boxes and selection filters, no pixel decode."""
+    try:
+        with open(record.image, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise RejectedInput("missing_image", record.image) from None
+    img = open_image(data)
+    geo = sample_geometry(
+        record, img.size, exif_transpose_code(img), size=config.size, resize=config.resize, filters=filters_of(config)
+    )
+    size = config.size
+    xs0 = min(max(b[0], 0) for b in geo.framed)
+    ys0 = min(max(b[1], 0) for b in geo.framed)
+    xs1 = max(min(b[2], size) for b in geo.framed)
+    ys1 = max(min(b[3], size) for b in geo.framed)
+    has_strip = xs0 >= 1 or ys0 >= 1 or xs1 <= size - 1 or ys1 <= size - 1
+    bg_ok = "box_too_large" not in geo.failures and has_strip
+    return Probe(record.key, bg_ok, geo.failures)
+
+
+def probe_batch(records: list[SourceRecord], config: BuildConfig) -> list[Probe | Rejection]:
+    out: list[Probe | Rejection] = []
+    for record in records:
+        try:
+            out.append(probe_record(record, config))
+        except RejectedInput as exc:
+            out.append(Rejection(record.key, exc.reason, exc.detail, record.source))
+        except OSError as exc:
+            out.append(Rejection(record.key, "undecodable_image", str(exc), record.source))
+    return out
+
+
+def selected_classes(spec: str) -> set[int] | None:
+    """None = all; 'in9' = the 370 IN-9 classes; else a file of wnids or indices, one a line."""
+    if spec == "all":
+        return None
+    if spec == "in9":
+        return {i for i in range(1000) if to_in9(i) >= 0}
+    index = imagenet_classes().index_of
+    chosen: set[int] = set()
+    for line in Path(spec).read_text().splitlines():
+        token = line.split("#", 1)[0].strip().split()[0] if line.split("#", 1)[0].strip() else ""
+        if not token:
+            continue
+        chosen.add(int(token) if token.isdigit() else index[token])
+    return chosen
+
+
+def annotation_hash(items: Iterable[SourceRecord | Rejection]) -> str:
+    """sha256 over the canonical JSON of what the reader produced: identifies the annotation set."""
+    h = hashlib.sha256()
+    for item in items:
+        if isinstance(item, SourceRecord):
+            row = [
+                item.key,
+                item.label,
+                item.wnid,
+                [b.as_list() for b in item.boxes],
+                item.segmentation.kind if item.segmentation else None,
+                list(item.size) if item.size else None,
+            ]
+        else:
+            row = ["rejected", item.key, item.reason]
+        h.update(json.dumps(row, separators=(",", ":")).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def list_textures(config: BuildConfig) -> list[str]:
+    if not config.textures:
+        return [f"procedural:{i:02d}" for i in range(N_PROCEDURAL)]
+    root = Path(config.textures)
+    files = sorted(
+        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in TEXTURE_EXTENSIONS
+    )
+    if not files:
+        from builders.config import ConfigError
+
+        raise ConfigError(f"--textures {root}: no image files found")
+    return files
+
+
+def make_plan(
+    items: list[SourceRecord | Rejection],
+    config: BuildConfig,
+    probes: dict[str, Probe | Rejection],
+) -> Plan:
+    """Turn reader output and header probes into the plan (pure: no I/O)."""
+    rejections: list[Rejection] = []
+    records: list[SourceRecord] = []
+    chosen = selected_classes(config.classes)
+    for item in items:
+        if isinstance(item, Rejection):
+            rejections.append(item)
+        elif chosen is not None and item.label not in chosen:
+            rejections.append(Rejection(item.key, "class_not_selected", f"label {item.label}", item.source))
+        else:
+            probe = probes[item.key]
+            if isinstance(probe, Rejection):
+                rejections.append(probe)
+            elif {"multiple_boxes", "box_cropped"} & set(probe.failures):
+                reason = "multiple_boxes" if "multiple_boxes" in probe.failures else "box_cropped"
+                rejections.append(Rejection(item.key, reason, ", ".join(probe.failures), item.source))
+            else:
+                records.append(item)
+    if config.per_class:
+        by_class: dict[int, list[SourceRecord]] = {}
+        for r in records:
+            by_class.setdefault(r.label, []).append(r)
+        keep: set[str] = set()
+        for members in by_class.values():
+            # a seeded order, so the kept subset does not favour low image ids
+            ordered = sorted(members, key=lambda r: rng_for(config.seed, r.key, "per_class").random())
+            keep.update(r.key for r in ordered[: config.per_class])
+        for r in records:
+            if r.key not in keep:
+                rejections.append(Rejection(r.key, "over_per_class_limit", f"class {r.label}", r.source))
+        records = [r for r in records if r.key in keep]
+    records.sort(key=lambda r: r.key)
+
+    by_key = {r.key: r for r in records}
+    bg_pool = [r.key for r in records if probes[r.key].bg_ok]  # sorted by key
+    level = config.partner_level
+    pool_by_group: dict[int, list[str]] = {}
+    for k in bg_pool:
+        pool_by_group.setdefault(group_of(by_key[k].label, level), []).append(k)
+    groups_present = sorted({group_of(r.label, level) for r in records})
+    next_group = {g: groups_present[(i + 1) % len(groups_present)] for i, g in enumerate(groups_present)}
+    textures = list_textures(config) if "texture" in config.variants else []
+
+    assignments: dict[str, dict[str, Assignment]] = {v: {} for v in config.variants}
+    variant_rejections: dict[str, list[Rejection]] = {v: [] for v in config.variants}
+    for variant in config.variants:
+        for r in records:
+            probe = probes[r.key]
+            if variant in BACKGROUND_ONLY_VARIANTS and not probe.bg_ok:
+                reason = "box_too_large" if "box_too_large" in probe.failures else "no_background"
+                variant_rejections[variant].append(Rejection(r.key, reason, "background-only variant", r.source, variant))
+                continue
+            if variant in MIXED_VARIANTS:
+                group = group_of(r.label, level)
+                if variant == "mixed_rand":
+                    pool = bg_pool
+                elif variant == "mixed_same":
+                    pool = pool_by_group.get(group, [])
+                else:
+                    pool = [] if len(groups_present) < 2 else pool_by_group.get(next_group[group], [])
+                partner = draw_partner(pool, r.key, config.seed, variant)
+                if partner is None:
+                    variant_rejections[variant].append(
+                        Rejection(r.key, "no_partner", f"no background image for {variant}", r.source, variant)
+                    )
+                    continue
+                assignments[variant][r.key] = Assignment(partner, by_key[partner].label)
+            elif variant == "texture":
+                pick = int(rng_for(config.seed, r.key, "texture").integers(len(textures)))
+                assignments[variant][r.key] = Assignment(texture=textures[pick])
+    partners = {
+        a.bg_key: by_key[a.bg_key] for per in assignments.values() for a in per.values() if a.bg_key is not None
+    }
+    return Plan(
+        config=config,
+        inputs=records,
+        rejections=rejections,
+        assignments=assignments,
+        variant_rejections=variant_rejections,
+        textures=textures,
+        source_hash=annotation_hash(items),
+        n_inputs=len(items),
+        partners=partners,
+    )
+
+
+def draw_partner(pool: list[str], key: str, seed: int, variant: str) -> str | None:
+    """Uniform over ``pool`` (sorted) without ``key`` itself, from (seed, key, variant) alone."""
+    at = bisect.bisect_left(pool, key)
+    own = at < len(pool) and pool[at] == key
+    n = len(pool) - own
+    if n <= 0:
+        return None
+    i = int(rng_for(seed, key, variant).integers(n))
+    if own and i >= at:
+        i += 1
+    return pool[i]
+
+
+def texture_path(config: BuildConfig, name: str) -> str | None:
+    return None if name.startswith("procedural:") else str(Path(config.textures) / name)
+
+
+__all__ = [
+    "Assignment",
+    "Plan",
+    "Probe",
+    "make_plan",
+    "probe_batch",
+    "draw_partner",
+    "annotation_hash",
+    "list_textures",
+    "group_of",
+]

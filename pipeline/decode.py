@@ -1,0 +1,148 @@
+"""Decode source images to RGB uint8, the way ImageNet's odd files need.
+
+ImageNet holds CMYK JPEGs, grayscale images and one PNG named ``.JPEG``; PIL
+sniffs the format from the bytes, so the extension is never trusted. Every
+failure becomes a :class:`RejectedInput` with a precise reason.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from pipeline.records import RejectedInput
+
+# PIL's own default (about 89 Mpx); a larger image is refused, not decoded.
+MAX_IMAGE_PIXELS = 89_478_485
+MIN_SIDE = 8
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Open (lazily) and sanity-check an encoded image; raise RejectedInput on bad bytes."""
+    if not data:
+        raise RejectedInput("empty_file", "0 bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise RejectedInput("decompression_bomb", str(exc).split(".")[0]) from None
+    except Exception as exc:  # PIL raises many types for garbage bytes
+        raise RejectedInput("undecodable_image", f"{type(exc).__name__}: {exc}") from None
+    if w * h > MAX_IMAGE_PIXELS:
+        raise RejectedInput("decompression_bomb", f"{w}x{h} exceeds {MAX_IMAGE_PIXELS} pixels")
+    return img
+
+
+def exif_transpose_code(img: Image.Image) -> int:
+    """EXIF orientation tag (1 = as stored)."""
+    try:
+        return int(img.getexif().get(0x0112, 1) or 1)
+    except Exception:
+        return 1
+
+
+def to_rgb_array(img: Image.Image, draft_min_side: int | None = None) -> tuple[np.ndarray, float]:
+    """Decode to an RGB uint8 array (H, W, 3) of the *stored* orientation.
+
+    With ``draft_min_side``, JPEGs are decoded at a reduced DCT scale as long
+    as the shorter side stays >= that many pixels (libjpeg's free downscale);
+    the returned factor maps stored coordinates to decoded ones.
+    """
+    full_w, full_h = img.size
+    if draft_min_side and img.format == "JPEG":
+        scale = min(full_w, full_h) / draft_min_side
+        if scale >= 2:
+            img.draft("RGB", (int(np.ceil(full_w / scale)), int(np.ceil(full_h / scale))))
+    try:
+        img.load()
+    except OSError as exc:
+        msg = str(exc)
+        if "truncated" in msg.lower() or "premature" in msg.lower() or "broken data" in msg.lower():
+            raise RejectedInput("truncated_image", msg) from None
+        raise RejectedInput("undecodable_image", msg) from None
+    except Exception as exc:
+        raise RejectedInput("undecodable_image", f"{type(exc).__name__}: {exc}") from None
+    rgb = _convert_to_rgb(img)
+    arr = np.asarray(rgb, dtype=np.uint8)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise RejectedInput("undecodable_image", f"unexpected pixel layout {arr.shape}")
+    return arr, arr.shape[1] / full_w
+
+
+def _convert_to_rgb(img: Image.Image) -> Image.Image:
+    """CMYK, grayscale, palette, RGBA and 16-bit images to 8-bit RGB.
+
+    RGBA/LA/transparent palettes are composited on white, as a viewer shows them.
+    16-bit grayscale ("I;16", "I") is scaled by its range, not clipped.
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+        gray = np.clip(np.rint(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2), "RGB")
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2), "RGB")
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_rgb(data: bytes, draft_min_side: int | None = None) -> tuple[np.ndarray, int, tuple[int, int], float]:
+    """Bytes -> (RGB uint8 array as stored, EXIF orientation, stored (w, h), decode scale)."""
+    img = open_image(data)
+    stored_size = img.size
+    if min(stored_size) < 1:
+        raise RejectedInput("undecodable_image", f"size {stored_size}")
+    orientation = exif_transpose_code(img)
+    arr, scale = to_rgb_array(img, draft_min_side)
+    return arr, orientation, stored_size, scale
+
+
+def apply_orientation(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF orientation to an (H, W[, C]) array, as ImageOps.exif_transpose does."""
+    ops = {
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1, :],
+        5: lambda a: np.swapaxes(a, 0, 1),
+        6: lambda a: np.swapaxes(a, 0, 1)[:, ::-1],
+        7: lambda a: np.swapaxes(a, 0, 1)[::-1, ::-1],
+        8: lambda a: np.swapaxes(a, 0, 1)[::-1, :],
+    }
+    op = ops.get(orientation)
+    return np.ascontiguousarray(op(arr)) if op else arr
+
+
+def orient_point_map(orientation: int, width: float, height: float):
+    """Function mapping stored (x, y) to oriented (x, y) for boxes (continuous coordinates)."""
+    maps = {
+        1: lambda x, y: (x, y),
+        2: lambda x, y: (width - x, y),
+        3: lambda x, y: (width - x, height - y),
+        4: lambda x, y: (x, height - y),
+        5: lambda x, y: (y, x),
+        6: lambda x, y: (height - y, x),
+        7: lambda x, y: (height - y, width - x),
+        8: lambda x, y: (y, width - x),
+    }
+    return maps.get(orientation, maps[1])
+
+
+def exif_transpose_image(img: Image.Image) -> Image.Image:
+    """PIL's reference orientation handling (used to test :func:`apply_orientation`)."""
+    return ImageOps.exif_transpose(img)

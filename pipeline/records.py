@@ -1,0 +1,148 @@
+"""The one record type every source reader produces, and the typed rejection.
+
+Readers never raise on bad input: they yield a :class:`Rejection` with a
+reason code from :data:`REASONS`, so a build can account for every input
+(accepted + rejected = inputs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+# Reason codes are part of the output contract (rejected.jsonl, manifest).
+REASONS: dict[str, str] = {
+    # image file problems
+    "missing_image": "annotation names an image that does not exist",
+    "empty_file": "image file has zero bytes",
+    "truncated_image": "image data ends early",
+    "undecodable_image": "bytes are not a readable image",
+    "decompression_bomb": "image has more pixels than the decompression-bomb limit",
+    "image_too_small": "image is smaller than the minimum side length",
+    # annotation problems
+    "missing_annotation": "image has no annotation",
+    "malformed_annotation": "annotation file cannot be parsed",
+    "unknown_wnid": "label is not an ImageNet-1k class",
+    "unknown_category": "segmentation category has no ImageNet class mapping",
+    "no_box": "no box of the labelled class",
+    "box_outside_image": "a box lies outside the image",
+    "inverted_box": "a box has max < min",
+    "zero_area_box": "a box has zero width or height",
+    "bad_segmentation": "segmentation (polygon/RLE) cannot be decoded",
+    "mask_size_mismatch": "mask size differs from the image size",
+    "empty_mask": "foreground mask is empty inside the frame",
+    "bad_key": "image id cannot be used as a sample key",
+    "duplicate_key": "another input already has this key",
+    # selection filters (Noise or Signal)
+    "multiple_boxes": "more than one box (filter: exactly one box)",
+    "box_too_large": "box covers more than the allowed fraction of the frame",
+    "box_cropped": "the centre crop cuts away too much of the box",
+    "class_not_selected": "class is outside the selected class set",
+    "over_per_class_limit": "class already has --per-class samples",
+    # variant planning
+    "no_partner": "no image is available as a background partner",
+    "no_background": "no background strip outside the box to tile",
+    "grabcut_failed": "GrabCut produced an empty foreground",
+}
+
+ReasonCode = str
+
+
+@dataclass(frozen=True)
+class Box:
+    """Axis-aligned box in source pixel coordinates, half-open: [x0, x1) x [y0, y1).
+
+    VOC XML stores 1-based inclusive corners; readers convert to this form
+    (x0 = xmin - 1, x1 = xmax) so that a box's width is x1 - x0.
+    """
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    wnid: str = ""
+
+    @property
+    def area(self) -> float:
+        return max(0.0, self.x1 - self.x0) * max(0.0, self.y1 - self.y0)
+
+    def as_list(self) -> list[float]:
+        return [self.x0, self.y0, self.x1, self.y1]
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """A foreground segmentation in source pixel coordinates.
+
+    kind:
+      - ``polygons``: ``data`` is a list of flat [x, y, x, y, ...] lists (COCO);
+      - ``rle``: ``data`` is a COCO RLE dict (``counts`` compressed or not, ``size`` [h, w]);
+      - ``png``: ``data`` is the path of a mask PNG (non-zero = foreground).
+    """
+
+    kind: Literal["polygons", "rle", "png"]
+    data: Any
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """One input image with its label and annotations.
+
+    ``image`` is a filesystem path, or ``"<archive>::<member>"`` for a file inside
+    a tar archive. ``size`` is (width, height) as the annotation states it, if
+    it does; boxes and segmentation refer to the stored pixel array.
+    """
+
+    key: str
+    image: str
+    label: int
+    wnid: str
+    boxes: tuple[Box, ...] = ()
+    segmentation: Segmentation | None = None
+    size: tuple[int, int] | None = None
+    source: str = ""  # which reader produced it, e.g. "imagenet-val"
+    annotation: str = ""  # where the annotation came from (path, csv row, coco id)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """An input that is not built, with a reason code from :data:`REASONS`."""
+
+    key: str
+    reason: ReasonCode
+    detail: str = ""
+    source: str = ""
+    variant: str = ""  # empty: rejected for every variant
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.reason not in REASONS:
+            raise ValueError(f"unknown rejection reason {self.reason!r}")
+
+    def to_json(self) -> dict:
+        row = asdict(self)
+        if not row["extra"]:
+            row.pop("extra")
+        return row
+
+
+class RejectedInput(Exception):
+    """Raised inside pure image code; callers turn it into a :class:`Rejection`."""
+
+    def __init__(self, reason: ReasonCode, detail: str = "") -> None:
+        if reason not in REASONS:
+            raise ValueError(f"unknown rejection reason {reason!r}")
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def is_valid_key(key: str) -> bool:
+    """Keys join variants; WebDataset splits member names at the first dot."""
+    return bool(key) and "." not in key and "/" not in key and not key.startswith("_")
+
+
+def key_from_filename(name: str) -> str:
+    """Image id without directory and extension (``ILSVRC2012_val_00000001``)."""
+    base = name.rsplit("/", 1)[-1]
+    return base.split(".", 1)[0]
