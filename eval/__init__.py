@@ -1,0 +1,1 @@
+"""Evaluator: stream shards through the model zoo and score per-sample predictions."""
