@@ -17,11 +17,12 @@ import time
 from dataclasses import fields, replace
 from pathlib import Path
 
-from builders.config import BuildConfig, ConfigError, load_recipe, list_recipes
+from builders.config import BuildConfig, ConfigError, list_recipes, load_recipe
 from builders.plan import Plan, make_plan, probe_batch
 from builders.shards import ShardResult, build_chunk, read_completion
 from pipeline.records import Rejection, SourceRecord
 from pipeline.shard_format import FILLS, FORMAT_VERSION, MANIFEST_NAME, REJECTED_NAME, VARIANTS
+from pipeline.sources import SourceError
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, argparse.Namespace]:
@@ -43,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, argparse.Nam
     p.add_argument("--out", help="output folder (default ./shards)")
     p.add_argument("--size", type=int, help="frame size after the centre crop (default 224)")
     p.add_argument("--resize", type=int, help="shorter side before the crop (default 256)")
+    p.add_argument("--interpolation", choices=["bilinear", "bicubic", "lanczos"],
+                   help="resampling for the frame resize (default bilinear, antialiased)")
     p.add_argument("--mask", choices=["box", "segm", "grabcut"], help="foreground mask source (default box)")
     p.add_argument("--fill", choices=list(FILLS), help="fill for only_fg/only_bg_b/no_fg (default black)")
     p.add_argument("--textures", help="folder of texture images for 'texture' (default: built-in procedural set)")
@@ -72,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, argparse.Nam
         values["recipe"] = args.recipe
     mapping = {
         "source": "source", "images": "images", "annotations": "annotations", "category_map": "category_map",
-        "out": "out", "size": "size", "resize": "resize", "mask": "mask", "fill": "fill", "textures": "textures",
+        "out": "out", "size": "size", "resize": "resize", "interpolation": "interpolation", "mask": "mask", "fill": "fill", "textures": "textures",
         "classes": "classes", "per_class": "per_class", "partner_level": "partner_level",
         "exactly_one_box": "exactly_one_box", "max_box_fraction": "max_box_fraction",
         "max_box_cropped": "max_box_cropped", "seed": "seed", "workers": "workers", "backend": "backend",
@@ -158,8 +161,8 @@ def probe_all(config: BuildConfig, items: list, progress: bool) -> dict:
     calls = [joblib.delayed(probe_batch)(b, config) for b in batches]
     out = run_jobs(config, calls, [len(b) for b in batches], "plan", progress)
     probes = {}
-    for b, result in zip(batches, out):
-        for record, probe in zip(b, result):
+    for b, result in zip(batches, out, strict=True):
+        for record, probe in zip(b, result, strict=True):
             probes[record.key] = probe
     return probes
 
@@ -323,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     try:
         manifests = build(config, progress=progress)
-    except ConfigError as exc:
+    except (ConfigError, SourceError, RuntimeError) as exc:
         print(f"make_shards: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
