@@ -14,11 +14,11 @@ import os
 import platform
 import sys
 import time
-from dataclasses import fields, replace
+from dataclasses import astuple, fields, replace
 from pathlib import Path
 
 from builders.config import BuildConfig, ConfigError, list_recipes, load_recipe
-from builders.plan import Plan, make_plan, probe_batch
+from builders.plan import Plan, annotation_hash, make_plan, probe_batch
 from builders.shards import ShardResult, build_chunk, read_completion
 from pipeline.records import Rejection, SourceRecord
 from pipeline.shard_format import FILLS, FORMAT_VERSION, MANIFEST_NAME, REJECTED_NAME, VARIANTS
@@ -209,12 +209,13 @@ def build(config: BuildConfig, progress: bool = True) -> dict[str, dict]:
 
     done: dict[tuple[str, int], ShardResult] = {}
     todo: list[tuple[int, list[str]]] = []
+    hashes = {(v, i): chunk_hash(config, plan, v, chunk) for i, chunk in enumerate(chunks) for v in config.variants}
     for index in range(len(chunks)):
         missing = []
         for v in config.variants:
             from pipeline.shard_format import shard_name
 
-            prior = read_completion(out / v, shard_name(v, index), config.variant_hash(v))
+            prior = read_completion(out / v, shard_name(v, index), hashes[(v, index)])
             if prior is None:
                 missing.append(v)
             else:
@@ -233,7 +234,10 @@ def build(config: BuildConfig, progress: bool = True) -> dict[str, dict]:
         }
         chunk_dropped = {v: dropped[v] & keys for v in variants}
         calls.append(
-            joblib.delayed(build_chunk)(index, chunk, variants, config, assignments, chunk_dropped, partners)
+            joblib.delayed(build_chunk)(
+                index, chunk, variants, config, assignments, chunk_dropped, partners,
+                {v: hashes[(v, index)] for v in variants},
+            )
         )
     if calls:
         built = run_jobs(config, calls, [len(chunks[i]) for i, _ in todo], "build", progress)
@@ -245,6 +249,29 @@ def build(config: BuildConfig, progress: bool = True) -> dict[str, dict]:
         shards = [done[(v, i)] for i in range(len(chunks))]
         manifests[v] = write_manifest(out / v, v, config, plan, shards)
     return manifests
+
+
+def chunk_hash(config: BuildConfig, plan: Plan, variant: str, chunk: list[SourceRecord]) -> str:
+    """What one shard is built from: the variant's config plus its chunk of the plan.
+
+    A rerun keeps a finished shard only if this matches, so changed inputs,
+    annotations or partners rebuild the shards they touch instead of
+    publishing shards written from an older plan.
+    """
+    import hashlib
+
+    keys = [r.key for r in chunk]
+    in_chunk = set(keys)
+    dropped = sorted(r.key for r in plan.variant_rejections[variant] if r.key in in_chunk)
+    assignments = plan.assignments[variant]
+    chosen = [(k, list(astuple(assignments[k])) if k in assignments else None) for k in keys]
+    partners = sorted({a[0] for _, a in chosen if a and a[0]})
+    payload = json.dumps(
+        [config.variant_hash(variant), annotation_hash(chunk), dropped, chosen,
+         annotation_hash(plan.partners[k] for k in partners)],
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def _clear_stale(out: Path, config: BuildConfig, n_chunks: int) -> None:

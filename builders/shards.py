@@ -228,8 +228,14 @@ def build_chunk(
     assignments: dict[str, dict[str, Assignment]],
     dropped: dict[str, set[str]],
     partners: dict[str, SourceRecord],
+    completion_hashes: dict[str, str] | None = None,
 ) -> list[ShardResult]:
-    """Build shard ``index`` of every requested variant from the chunk's records."""
+    """Build shard ``index`` of every requested variant from the chunk's records.
+
+    ``completion_hashes`` (variant -> hash of this chunk's plan) is what the
+    completion record stores, so a resumed build can tell whether the shard
+    was made from the same plan; without it the variant's config hash is used.
+    """
     out = Path(config.out)
     filters = SelectionFilters(config.exactly_one_box, config.max_box_fraction, config.max_box_cropped)
 
@@ -252,7 +258,8 @@ def build_chunk(
     backgrounds = _Backgrounds(config, prepare)
     writers = {}
     results = {
-        v: ShardResult(v, shard_name(v, index), "", 0, 0, {}, [], config.variant_hash(v)) for v in variants
+        v: ShardResult(v, shard_name(v, index), "", 0, 0, {}, [], (completion_hashes or {}).get(v) or config.variant_hash(v))
+        for v in variants
     }
     try:
         for v in variants:
