@@ -3,7 +3,7 @@
 No image ships with this project. The photos come from scikit-image's data
 folder and imgaug's ``quokka.jpg``; ``data_manifests/demo/annotations.json``
 holds the labels, boxes and polygons. Mirrored copies (annotations flipped
-with them) give every class a second image so ``mixed_same`` has partners.
+with them) give every class a second image so ``mixed_same`` can find a partner.
 The images are written once, as PNG, into a cache folder.
 """
 
