@@ -121,7 +121,7 @@ def read_predictions(path: str | Path) -> Predictions:
         keys=np.array([r["key"] for r in rows], dtype=object),
         label=np.array([int(r["label"]) for r in rows], dtype=np.int64),
         pred=np.array([int(r["pred"]) for r in rows], dtype=np.int64),
-        top5=np.array([[int(t) for t in r["top5"].split()] for r in rows], dtype=np.int64).reshape(n, -1),
+        top5=np.array([[int(t) for t in r["top5"].split()] for r in rows], dtype=np.int64).reshape(n, 5),
         p_true=np.array([float(r["p_true"]) for r in rows], dtype=np.float64),
         in9_label=np.array([int(r["in9_label"]) for r in rows], dtype=np.int64),
         in9_pred=np.array([int(r["in9_pred"]) for r in rows], dtype=np.int64),
