@@ -360,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         print("make_shards: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except OSError as exc:
-        print(f"make_shards: error: {exc.strerror or exc} ({exc.filename or ''})", file=sys.stderr)
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"make_shards: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
     elapsed = time.time() - started
     for v, m in manifests.items():

@@ -343,8 +343,13 @@ def iter_shard(ref: ShardRef, options: ReadOptions) -> Iterator[Sample | ShardEn
                     fh = tar.extractfile(info)
                     assert fh is not None
                     members[ext] = fh.read()
+                end_offset = tar.offset
             if not limited:
                 reader.drain()
+                # tarfile reads a header cut short as a normal end of archive; a complete
+                # tar has its two zero end blocks after the last member, a truncated one not.
+                if reader.nbytes - end_offset < 2 * tarfile.BLOCKSIZE:
+                    raise tarfile.ReadError("truncated: no end-of-archive blocks")
         except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
             message = f"unreadable tar after key {last_key} ({exc})" if last_key else f"unreadable tar ({exc})"
             if not skip:

@@ -31,6 +31,9 @@ def open_image(data: bytes) -> Image.Image:
             w, h = img.size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise RejectedInput("decompression_bomb", str(exc).split(".")[0]) from None
+    except Image.UnidentifiedImageError:
+        # PIL's message holds the BytesIO's memory address: the detail must be the same on every run
+        raise RejectedInput("undecodable_image", f"not a known image format (starts {data[:8].hex()})") from None
     except Exception as exc:  # PIL raises many types for garbage bytes
         raise RejectedInput("undecodable_image", f"{type(exc).__name__}: {exc}") from None
     if w * h > MAX_IMAGE_PIXELS:

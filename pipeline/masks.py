@@ -77,6 +77,8 @@ def segmentation_mask(seg: Segmentation, stored_size: tuple[int, int], png_bytes
         try:
             m = Image.open(io.BytesIO(png_bytes))
             m.load()
+        except Image.UnidentifiedImageError:  # PIL's message holds a memory address: keep details stable
+            raise RejectedInput("bad_segmentation", "mask PNG: not a known image format") from None
         except Exception as exc:
             raise RejectedInput("bad_segmentation", f"mask PNG: {exc}") from None
         if m.size != (w, h):

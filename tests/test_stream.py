@@ -240,9 +240,24 @@ def _defective_shard(tmp_path, defect: str) -> Path:
         data = path.read_bytes()
         offset = data.index(b"img0001.jpg") + 700  # inside that member's data
         path.write_bytes(data[:offset])
-    else:
+    elif defect == "cut_between_samples":
+        data = path.read_bytes()
+        offset = data.index(b"img0002.") + 100  # inside the next sample's first header
+        path.write_bytes(data[:offset])
+    elif defect != "cut_between_samples":
         write_tar(path, members)
     return path
+
+
+def test_tar_cut_between_samples_without_manifest_is_not_a_shorter_shard(tmp_path):
+    """tarfile reads a cut header as a clean end; with no manifest to compare, the missing end blocks must tell."""
+    path = _defective_shard(tmp_path, "cut_between_samples")
+    (ref,) = resolve_shards(str(path))
+    with pytest.raises(StreamError, match="img0001.*truncated"):
+        _samples(ref)
+    samples, end = _samples(ref, on_error="skip")
+    assert [s.key for s in samples] == ["img0000", "img0001"]
+    assert sum(end.skipped.values()) >= 1
 
 
 @pytest.mark.parametrize("defect", ["missing_cls", "bad_jpg", "duplicate_key", "duplicate_member", "truncated"])

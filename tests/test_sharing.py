@@ -1,0 +1,219 @@
+"""Shards shared over the network: build, serve over HTTP, verify and score by URL, and nothing in them runs.
+
+A collaborator's shards and manifest are data. Scoring them through a URL
+must give exactly the predictions of the local copy; a manifest fetched from
+elsewhere may not name a ``pipe:`` command; tar members other than images,
+labels, provenance and masks are never decoded, least of all unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from builders.make_shards import build, parse_args
+from eval import score
+from eval.predictions import predictions_path, read_predictions
+from pipeline.shard_format import MANIFEST_NAME
+from tests.bad_inputs import make_bad_val_tree
+from tests.test_score import install_tiny_zoo
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = "tiny_a,tiny_b"
+BASE = ["--random-weights", "--device", "cpu", "--workers", "0", "--batch-size", "3", "--models", MODELS]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> tuple[Path, str]:
+    """A build of the bad-input corpus, served by ``python -m http.server`` on 127.0.0.1: (folder, base URL)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BGCHECK_CACHE", str(tmp_path_factory.mktemp("bgcheck-cache")))
+        corpus = make_bad_val_tree(tmp_path_factory.mktemp("bad-src"))
+        out = tmp_path_factory.mktemp("site")
+        config, _ = parse_args(["--source", "imagenet-val", "--images", str(corpus.images), "--annotations",
+                                str(corpus.annotations), "--out", str(out), "--variant", "original,mixed_rand",
+                                "--size", "32", "--resize", "40", "--shard-size", "4", "--no-progress"])
+        build(config, progress=False)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                               "--directory", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"{base}/mixed_rand/{MANIFEST_NAME}", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("http.server did not come up")
+        yield out, base
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.fixture(autouse=True)
+def tiny_zoo(monkeypatch):
+    install_tiny_zoo(monkeypatch.setattr)
+
+
+def run_cli(*argv) -> int:
+    return score.main([str(a) for a in argv])
+
+
+def predictions(out: Path, variant: str) -> dict[str, list[tuple]]:
+    found = {}
+    for model in MODELS.split(","):
+        p = read_predictions(predictions_path(out, model, variant))
+        found[model] = list(zip(p.keys, p.label, p.pred, map(tuple, p.top5), p.p_true, p.in9_label, p.in9_pred,
+                                strict=True))
+    return found
+
+
+def verify_cli(target: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "builders.verify", target], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_round_trip_over_http_scores_exactly_like_the_local_copy(served, tmp_path):
+    folder, base = served
+    url = f"{base}/mixed_rand/{MANIFEST_NAME}"
+    checked = verify_cli(url)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout.startswith("OK")
+
+    assert run_cli("--shards", url, "--out", tmp_path / "remote", *BASE) == 0
+    assert run_cli("--shards", folder / "mixed_rand" / MANIFEST_NAME, "--out", tmp_path / "local", *BASE) == 0
+    remote, local = predictions(tmp_path / "remote", "mixed_rand"), predictions(tmp_path / "local", "mixed_rand")
+    manifest = json.loads((folder / "mixed_rand" / MANIFEST_NAME).read_text())
+    assert all(len(rows) == manifest["totals"]["samples"] for rows in local.values())
+    assert remote == local
+
+
+def test_a_damaged_download_is_refused(served, tmp_path, capsys):
+    """A shard that differs from its manifest on the server: verify names it, the evaluator refuses it."""
+    folder, base = served
+    site = Path(shutil.copytree(folder / "original", folder / "original_damaged"))
+    try:
+        with tarfile.open(site / "original-000000.tar") as tar:
+            first = tar.getmembers()[0]
+        assert first.size % 512, "the first member needs padding to flip"
+        data = bytearray((site / "original-000000.tar").read_bytes())
+        data[first.offset_data + first.size] ^= 0x01  # in the padding: every sample still reads, the bytes differ
+        (site / "original-000000.tar").write_bytes(bytes(data))
+        url = f"{base}/original_damaged/{MANIFEST_NAME}"
+        checked = verify_cli(url)
+        assert checked.returncode == 1 and "original-000000.tar" in checked.stdout and "sha256" in checked.stdout
+        assert run_cli("--shards", url, "--out", tmp_path / "out", *BASE) == 2
+        err = capsys.readouterr().err
+        assert "original-000000.tar" in err and "sha256" in err, err
+    finally:
+        shutil.rmtree(site)
+
+
+def test_pipe_only_from_the_command_line_never_from_a_fetched_manifest(served, tmp_path, capsys):
+    folder, base = served
+    marker = tmp_path / "pwned"
+    site = folder / "hostile"
+    site.mkdir()
+    try:
+        manifest = json.loads((folder / "mixed_rand" / MANIFEST_NAME).read_text())
+        first = dict(manifest["shards"][0])
+        manifest["shards"] = [{**first, "name": f"pipe:touch {marker}; cat {folder}/mixed_rand/{first['name']}"}]
+        manifest["totals"]["samples"] = first["count"]
+        (site / MANIFEST_NAME).write_text(json.dumps(manifest))
+        url = f"{base}/hostile/{MANIFEST_NAME}"
+        assert run_cli("--shards", url, "--out", tmp_path / "out", *BASE) == 2
+        err = capsys.readouterr().err
+        assert "pipe:" in err and "refusing" in err, err
+        checked = verify_cli(url)
+        assert checked.returncode != 0 and "refusing" in checked.stdout + checked.stderr
+        assert not marker.exists()
+    finally:
+        shutil.rmtree(site)
+
+    # the same shard through a pipe: the user typed it, so it runs, and scores like the file itself
+    shard = folder / "mixed_rand" / first["name"]
+    assert run_cli("--shards", f"pipe:cat {shard}", "--out", tmp_path / "piped", *BASE) == 0
+    assert run_cli("--shards", shard, "--out", tmp_path / "plain", *BASE) == 0
+    piped, plain = predictions(tmp_path / "piped", "mixed_rand"), predictions(tmp_path / "plain", "mixed_rand")
+    assert len(plain["tiny_a"]) == first["count"] and piped == plain
+
+
+class _Payload:
+    """Unpickling this creates ``path``: proof that a reader deserialised a member."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_executable_members_are_never_loaded(served, tmp_path, monkeypatch):
+    folder, base = served
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_Payload(marker))
+    torch_buf = io.BytesIO()
+    torch.save({"x": _Payload(marker)}, torch_buf)
+    npy_buf = io.BytesIO()
+    np.save(npy_buf, np.array([_Payload(marker)], dtype=object), allow_pickle=True)
+    site = Path(shutil.copytree(folder / "mixed_rand", folder / "booby_trapped"))
+    try:
+        name = json.loads((site / MANIFEST_NAME).read_text())["shards"][0]["name"]
+        with tarfile.open(site / name) as tar:
+            members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+        trapped = []
+        for member, data in members:
+            trapped.append((member, data))
+            key, _, ext = member.partition(".")
+            if ext == "jpg":  # inside every sample, between its image and its label
+                trapped += [(f"{key}.pyd", payload), (f"{key}.pth", torch_buf.getvalue()),
+                            (f"{key}.npy", npy_buf.getvalue()), (f"{key}.pickle", payload)]
+        trapped.append(("__reduce__.pkl", payload))
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for member, data in trapped:
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        raw = buf.getvalue()
+        (site / name).write_bytes(raw)
+        manifest = json.loads((site / MANIFEST_NAME).read_text())
+        manifest["shards"][0].update(sha256=hashlib.sha256(raw).hexdigest(), bytes=len(raw))
+        (site / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("a shard member was deserialised")
+
+        for module, attr in ((pickle, "loads"), (pickle, "load"), (torch, "load"), (np, "load")):
+            monkeypatch.setattr(module, attr, refuse)
+        url = f"{base}/booby_trapped/{MANIFEST_NAME}"
+        assert run_cli("--shards", url, "--out", tmp_path / "trapped", *BASE) == 0
+        monkeypatch.undo()
+        install_tiny_zoo(monkeypatch.setattr)
+        checked = verify_cli(url)
+        assert "unexpected member" in checked.stdout  # reported, not read
+        assert not marker.exists()
+        assert run_cli("--shards", folder / "mixed_rand" / MANIFEST_NAME, "--out", tmp_path / "clean", *BASE) == 0
+        assert predictions(tmp_path / "trapped", "mixed_rand") == predictions(tmp_path / "clean", "mixed_rand")
+    finally:
+        shutil.rmtree(site)
