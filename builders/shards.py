@@ -14,7 +14,7 @@ import io
 import json
 import os
 import tarfile
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,25 +113,38 @@ class TarWriter:
         info.mode = 0o644
         info.uid = info.gid = 0
         info.uname = info.gname = ""
-        self.tar.addfile(info, io.BytesIO(data))
+        try:
+            self.tar.addfile(info, io.BytesIO(data))
+        except OSError as exc:
+            raise self._naming(exc) from None
 
     def close(self) -> tuple[str, int]:
-        self.tar.close()
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
-        self.fh.close()
-        digest = file_sha256(self.tmp)
-        size = self.tmp.stat().st_size
-        os.replace(self.tmp, self.final)
+        try:
+            self.tar.close()
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+            self.fh.close()
+            digest = file_sha256(self.tmp)
+            size = self.tmp.stat().st_size
+            os.replace(self.tmp, self.final)
+        except OSError as exc:
+            self.abort()
+            raise self._naming(exc) from None
         return digest, size
 
     def abort(self) -> None:
+        """Drop the partial file; closing it may fail again (a full disk) and must not hide the first error."""
         try:
-            self.tar.close()
             self.fh.close()
-        finally:
-            if self.tmp.exists():
-                self.tmp.unlink()
+        except OSError:
+            pass
+        self.tmp.unlink(missing_ok=True)
+
+    def _naming(self, exc: OSError) -> OSError:
+        """A write error (ENOSPC has no file name) that says which shard could not be written."""
+        if exc.errno is None:
+            return exc
+        return OSError(exc.errno, exc.strerror or str(exc), str(self.final))
 
 
 def file_sha256(path: str | Path) -> str:
@@ -153,23 +166,64 @@ def read_bytes(path: str) -> bytes:
 
 
 class _Backgrounds:
-    """Partner backgrounds and textures, decoded at most once per chunk."""
+    """Every source of a chunk decoded once, whether it is needed as a sample, a partner, or both.
 
-    def __init__(self, config: BuildConfig, prepare) -> None:
+    Mixed variants need the partner's ``only_bg_t`` background. A partner
+    inside the chunk is the same decode as its own sample: if it comes later
+    in plan order it is prepared ahead and kept for its turn (``early``);
+    once prepared, its background is kept while ``uses`` says a later sample
+    of this chunk still needs it, then dropped. Partners outside the chunk
+    are decoded once per chunk however many samples use them. Memory is
+    bounded by the chunk, not the build, and the pixels are the same as
+    decoding on demand, so the shards do not change.
+    """
+
+    def __init__(self, config: BuildConfig, prepare, records: list[SourceRecord] = (), uses=None) -> None:
         self.config = config
         self.prepare = prepare
         self.cache: OrderedDict[str, np.ndarray | RejectedInput] = OrderedDict()
+        self.procedural: dict[str, np.ndarray] = {}
+        self.pending = {r.key for r in records}  # chunk records whose own turn has not come
+        self.uses: Counter[str] = Counter(uses or {})  # partner key -> renders still to come
+        self.early: dict[str, PreparedSample | RejectedInput] = {}
+        self.backgrounds: dict[str, np.ndarray | RejectedInput] = {}
+
+    def _prepare(self, record: SourceRecord) -> PreparedSample | RejectedInput:
+        try:
+            return self.prepare(record)
+        except RejectedInput as exc:
+            return exc
+
+    def _keep_background(self, key: str, value: PreparedSample | RejectedInput) -> None:
+        if isinstance(value, RejectedInput):
+            self.backgrounds[key] = value
+            return
+        try:
+            self.backgrounds[key] = V.only_bg_t(value.image, value.box_mask)
+        except RejectedInput as exc:
+            self.backgrounds[key] = exc
+
+    def sample(self, record: SourceRecord) -> PreparedSample:
+        """A chunk record's own prepared sample (raises its RejectedInput)."""
+        self.pending.discard(record.key)
+        value = self.early.pop(record.key, None) or self._prepare(record)
+        if self.uses.get(record.key, 0) > 0 and record.key not in self.backgrounds:
+            self._keep_background(record.key, value)
+        if isinstance(value, RejectedInput):
+            raise value
+        return value
 
     def partner(self, record: SourceRecord) -> np.ndarray:
-        key = "bg:" + record.key
-        if key not in self.cache:
-            try:
-                p = self.prepare(record)
-                self.cache[key] = V.only_bg_t(p.image, p.box_mask)
-            except RejectedInput as exc:
-                self.cache[key] = exc
-            self._trim()
-        value = self.cache[key]
+        key = record.key
+        if key not in self.backgrounds:
+            value = self._prepare(record)
+            if key in self.pending:
+                self.early[key] = value  # its own turn comes later in this chunk: decode once
+            self._keep_background(key, value)
+        value = self.backgrounds[key]
+        self.uses[key] -= 1
+        if self.uses[key] <= 0:
+            del self.backgrounds[key]
         if isinstance(value, RejectedInput):
             raise RejectedInput("no_partner", f"background {record.key} unusable: {value}")
         return value
@@ -177,7 +231,11 @@ class _Backgrounds:
     def texture(self, name: str, rng: np.random.Generator) -> np.ndarray:
         size = self.config.size
         if name.startswith("procedural:"):
-            return procedural_texture(int(name.split(":")[1]), size)
+            # a handful of fixed images: generate each once per chunk, not once per sample
+            key = "proc:" + name
+            if key not in self.procedural:
+                self.procedural[key] = procedural_texture(int(name.split(":")[1]), size)
+            return self.procedural[key]
         key = "tex:" + name
         if key not in self.cache:
             arr, _, _, _ = decode_rgb(read_bytes(texture_path(self.config, name)), draft_min_side=size)
@@ -255,7 +313,13 @@ def build_chunk(
             mask_bytes=mask_bytes,
         )
 
-    backgrounds = _Backgrounds(config, prepare)
+    uses: Counter[str] = Counter(
+        a.bg_key
+        for v in variants
+        for r in records
+        if r.key not in dropped.get(v, ()) and (a := assignments.get(v, {}).get(r.key)) is not None and a.bg_key
+    )
+    backgrounds = _Backgrounds(config, prepare, records, uses)
     writers = {}
     results = {
         v: ShardResult(v, shard_name(v, index), "", 0, 0, {}, [], (completion_hashes or {}).get(v) or config.variant_hash(v))
@@ -270,7 +334,7 @@ def build_chunk(
             if not wanted:
                 continue
             try:
-                sample = prepare(record)
+                sample = backgrounds.sample(record)
             except RejectedInput as exc:
                 for v in wanted:
                     results[v].rejections.append(Rejection(record.key, exc.reason, exc.detail, record.source).to_json())

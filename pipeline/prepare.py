@@ -23,6 +23,7 @@ from pipeline.masks import (
 )
 from pipeline.records import RejectedInput, SourceRecord
 from pipeline.rng import rng_for
+from pipeline.variants import box_rectangle
 
 
 @dataclass
@@ -103,10 +104,10 @@ def prepare_sample(
     frame = geo.frame
     image = frame_image(apply_orientation(stored, orientation), frame, interpolation)
     box_mask = rasterize_boxes([clip_box(b, size) for b in geo.framed], size)
-    if not box_mask.any():
+    rect = box_rectangle(box_mask)
+    if rect is None:
         raise RejectedInput("box_cropped", "every box lies outside the centre crop")
-    ys, xs = np.nonzero(box_mask)
-    bbox = [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+    bbox = [float(v) for v in rect]
     if mask_source == "box":
         fg = box_mask
     elif mask_source == "segm":
