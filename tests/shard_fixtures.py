@@ -61,10 +61,10 @@ def make_sample(key: str, variant: str, label: int, image: bytes, fmt: str = "jp
     }
 
 
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> tuple[str, int]:
-    """Write members in order with fixed metadata; return (sha256, bytes)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """A tar of ``members`` in order, with fixed metadata."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -72,7 +72,14 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> tuple[str, int]:
             info.mode = 0o644
             info.uname = info.gname = ""
             tar.addfile(info, io.BytesIO(data))
-    data = path.read_bytes()
+    return buf.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> tuple[str, int]:
+    """Write members in order with fixed metadata; return (sha256, bytes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = tar_bytes(members)
+    path.write_bytes(data)
     return hashlib.sha256(data).hexdigest(), len(data)
 
 
@@ -132,3 +139,15 @@ def read_members(path: Path) -> list[tuple[str, bytes]]:
     """All members of a tar in order (to rewrite a shard with a defect)."""
     with tarfile.open(path) as tar:
         return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+
+
+def read_samples(folder: Path) -> dict[str, dict[str, bytes]]:
+    """key -> {ext: bytes} for every shard of a variant folder, read with tarfile; keys must be unique."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for shard in sorted(Path(folder).glob("*.tar")):
+        for name, data in read_members(shard):
+            key, _, ext = name.partition(".")
+            samples.setdefault(key, {})
+            assert ext not in samples[key], f"{name} twice"
+            samples[key][ext] = data
+    return samples

@@ -26,6 +26,7 @@ from builders.make_shards import build, parse_args
 from pipeline.classes import imagenet_classes, in9_members, to_in9
 from pipeline.shard_format import META_FIELDS, MIXED_VARIANTS, VARIANTS
 from tests.fixtures_imagenet import make_val_tree, write_voc_xml
+from tests.shard_fixtures import read_samples
 
 ROOT = Path(__file__).resolve().parent.parent
 # Tench, goldfish, golden retriever, tabby cat: four classes, three IN-9 groups.
@@ -91,19 +92,6 @@ def output_files(out: Path, variants=None) -> dict[str, bytes]:
             if path.is_file() and not path.name.startswith("."):
                 files[f"{folder.name}/{path.name}"] = path.read_bytes()
     return files
-
-
-def read_samples(folder: Path) -> dict[str, dict[str, bytes]]:
-    """key -> {ext: bytes} for every shard of a variant, read with tarfile, in order; keys must be unique."""
-    samples: dict[str, dict[str, bytes]] = {}
-    for shard in sorted(folder.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar.getmembers():
-                key, _, ext = member.name.partition(".")
-                samples.setdefault(key, {})
-                assert ext not in samples[key], f"{member.name} twice"
-                samples[key][ext] = tar.extractfile(member).read()
-    return samples
 
 
 def metas(folder: Path) -> dict[str, dict]:

@@ -26,6 +26,7 @@ from builders.make_shards import build, main, parse_args
 from builders.verify import verify
 from pipeline.shard_format import MANIFEST_NAME, REJECTED_NAME
 from tests.bad_inputs import INSIDE, OUTSIDE, Corpus, make_bad_coco, make_bad_mask_dir, make_bad_val_tree
+from tests.shard_fixtures import read_samples
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("original", "mixed_rand")
@@ -92,16 +93,6 @@ def published(out: Path) -> dict[str, bytes]:
     """Every file a user sees (shards, manifests, rejected lists) by relative path; hidden files excluded."""
     return {p.relative_to(out).as_posix(): p.read_bytes()
             for p in sorted(out.glob("*/*")) if p.is_file() and not p.name.startswith(".")}
-
-
-def read_samples(folder: Path) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    for shard in sorted(folder.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar.getmembers():
-                key, _, ext = member.name.partition(".")
-                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    return samples
 
 
 def shard_members(reference: Path) -> list[int]:

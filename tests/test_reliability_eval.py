@@ -26,6 +26,7 @@ from eval import score
 from eval.predictions import predictions_path, read_predictions
 from pipeline.shard_format import MANIFEST_NAME
 from tests.bad_inputs import make_bad_val_tree, png_header_only
+from tests.shard_fixtures import read_members, tar_bytes
 from tests.test_score import install_tiny_zoo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,22 +90,11 @@ def uninterrupted(built, tmp_path_factory) -> dict:
     return preds
 
 
-def members_of(path: Path) -> list[tuple[str, bytes]]:
-    with tarfile.open(path) as tar:
-        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
-
-
 def rewrite(folder: Path, name: str, members: list[tuple[str, bytes]], raw: bytes | None = None) -> None:
     """Replace a shard and update its manifest entry, as a careless re-publisher would."""
     path = folder / name
     if raw is None:
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for member, data in members:
-                info = tarfile.TarInfo(member)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        raw = buf.getvalue()
+        raw = tar_bytes(members)
     path.write_bytes(raw)
     import hashlib
 
@@ -121,7 +111,7 @@ def keys_in(members: list[tuple[str, bytes]]) -> list[str]:
 def damage(folder: Path, defect: str) -> tuple[str | None, int]:
     """Damage ``DAMAGED`` in ``folder``; returns (key the error must name or None, samples lost)."""
     path = folder / DAMAGED
-    members = members_of(path)
+    members = read_members(path)
     keys = keys_in(members)
     if defect.startswith("truncated_tar"):  # cut inside a member's data, or inside a header
         raw = path.read_bytes()
@@ -160,7 +150,7 @@ def damage(folder: Path, defect: str) -> tuple[str | None, int]:
 def test_damaged_shard_is_an_error_naming_shard_and_key_or_a_skip_count(built, tmp_path, capsys, defect):
     root = Path(shutil.copytree(built, tmp_path / "shards"))
     original = json.loads((root / "original" / MANIFEST_NAME).read_text())
-    shard_keys = keys_in(members_of(root / "original" / DAMAGED))
+    shard_keys = keys_in(read_members(root / "original" / DAMAGED))
     key, lost = damage(root / "original", defect)
     out = tmp_path / "out"
     args = ["--shards", root / "original", "--out", out, *BASE]
@@ -234,15 +224,9 @@ def test_killed_evaluator_resumes_to_the_same_predictions(built, uninterrupted, 
 def test_shard_edited_after_its_manifest_is_refused_unless_no_verify(built, uninterrupted, tmp_path, capsys):
     root = Path(shutil.copytree(built, tmp_path / "shards"))
     path = root / "mixed_rand" / "mixed_rand-000000.tar"
-    members = members_of(path)
+    members = read_members(path)
     edited = [(n, reencode(d) if n.endswith(".jpg") else d) for n, d in members]  # same samples, new pixels
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in edited:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    path.write_bytes(buf.getvalue())  # same sample count, different bytes; manifest untouched
+    path.write_bytes(tar_bytes(edited))  # same sample count, different bytes; manifest untouched
     out = tmp_path / "out"
     args = [*spec_args(root), "--out", out, *BASE]
     assert run_cli(*args) == 2

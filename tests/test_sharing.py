@@ -31,6 +31,7 @@ from eval import score
 from eval.predictions import predictions_path, read_predictions
 from pipeline.shard_format import MANIFEST_NAME
 from tests.bad_inputs import make_bad_val_tree
+from tests.shard_fixtures import read_members, tar_bytes
 from tests.test_score import install_tiny_zoo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -179,8 +180,7 @@ def test_executable_members_are_never_loaded(served, tmp_path, monkeypatch):
     site = Path(shutil.copytree(folder / "mixed_rand", folder / "booby_trapped"))
     try:
         name = json.loads((site / MANIFEST_NAME).read_text())["shards"][0]["name"]
-        with tarfile.open(site / name) as tar:
-            members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+        members = read_members(site / name)
         trapped = []
         for member, data in members:
             trapped.append((member, data))
@@ -189,13 +189,7 @@ def test_executable_members_are_never_loaded(served, tmp_path, monkeypatch):
                 trapped += [(f"{key}.pyd", payload), (f"{key}.pth", torch_buf.getvalue()),
                             (f"{key}.npy", npy_buf.getvalue()), (f"{key}.pickle", payload)]
         trapped.append(("__reduce__.pkl", payload))
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for member, data in trapped:
-                info = tarfile.TarInfo(member)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        raw = buf.getvalue()
+        raw = tar_bytes(trapped)
         (site / name).write_bytes(raw)
         manifest = json.loads((site / MANIFEST_NAME).read_text())
         manifest["shards"][0].update(sha256=hashlib.sha256(raw).hexdigest(), bytes=len(raw))
