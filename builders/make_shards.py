@@ -21,7 +21,7 @@ from builders.config import BuildConfig, ConfigError, list_recipes, load_recipe
 from builders.plan import Plan, annotation_hash, make_plan, probe_batch
 from builders.shards import ShardResult, build_chunk, read_completion
 from pipeline.records import Rejection, SourceRecord
-from pipeline.shard_format import FILLS, FORMAT_VERSION, MANIFEST_NAME, REJECTED_NAME, VARIANTS
+from pipeline.shard_format import FILLS, FORMAT_VERSION, MANIFEST_NAME, REJECTED_NAME, VARIANTS, shard_name
 from pipeline.sources import SourceError
 
 
@@ -115,36 +115,35 @@ def read_inputs(config: BuildConfig) -> list[SourceRecord | Rejection]:
     return list(read_source(config.source, config.images, config.annotations, **options))
 
 
-def _parallel(config: BuildConfig, n_jobs: int):
-    import joblib
-
-    return joblib.Parallel(n_jobs=n_jobs, return_as="generator_unordered", backend="loky" if n_jobs > 1 else None)
-
-
 def run_jobs(config: BuildConfig, calls: list, weights: list[int], desc: str, progress: bool) -> list:
-    """Run delayed calls on the configured backend, with a progress bar weighted by images."""
+    """Run joblib-delayed calls (serially, on loky workers, or on a Dask cluster), results in call order.
+
+    Results arrive in completion order and are put back by index, so the output
+    never depends on scheduling; the progress bar is weighted by images.
+    """
+    import contextlib
+
     import joblib
     from tqdm import tqdm
 
-    bar = tqdm(total=sum(weights), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
+    tagged = [joblib.delayed(_tagged)(i, fn, args, kwargs) for i, (fn, args, kwargs) in enumerate(calls)]
     results: list = [None] * len(calls)
-    tagged = [joblib.delayed(_tagged)(i, c[0], c[1], c[2]) for i, c in enumerate(calls)]
-    try:
+    n_jobs = min(config.workers, max(1, len(calls)))
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(tqdm(total=sum(weights), desc=desc, unit="img", disable=not progress))
         if config.backend == "dask":
             from dask.distributed import Client
 
-            with Client(config.scheduler, timeout="30s"), joblib.parallel_config(backend="dask"):
-                stream = joblib.Parallel(return_as="generator_unordered")(tagged)
-                for i, value in stream:
-                    results[i] = value
-                    bar.update(weights[i])
+            stack.enter_context(Client(config.scheduler, timeout="30s"))
+            stack.enter_context(joblib.parallel_config(backend="dask"))
+            stream = joblib.Parallel(return_as="generator_unordered")(tagged)
+        elif n_jobs > 1:
+            stream = joblib.Parallel(n_jobs=n_jobs, backend="loky", return_as="generator_unordered")(tagged)
         else:
-            n_jobs = min(config.workers, max(1, len(calls)))
-            for i, value in _parallel(config, n_jobs)(tagged) if n_jobs > 1 else (t[0](*t[1], **t[2]) for t in tagged):
-                results[i] = value
-                bar.update(weights[i])
-    finally:
-        bar.close()
+            stream = (fn(*args, **kwargs) for fn, args, kwargs in tagged)
+        for i, value in stream:
+            results[i] = value
+            bar.update(weights[i])
     return results
 
 
@@ -213,8 +212,6 @@ def build(config: BuildConfig, progress: bool = True) -> dict[str, dict]:
     for index in range(len(chunks)):
         missing = []
         for v in config.variants:
-            from pipeline.shard_format import shard_name
-
             prior = read_completion(out / v, shard_name(v, index), hashes[(v, index)])
             if prior is None:
                 missing.append(v)
@@ -241,9 +238,9 @@ def build(config: BuildConfig, progress: bool = True) -> dict[str, dict]:
         )
     if calls:
         built = run_jobs(config, calls, [len(chunks[i]) for i, _ in todo], "build", progress)
-        for results in built:
+        for (index, _), results in zip(todo, built, strict=True):
             for res in results:
-                done[(res.variant, int(res.name.rsplit("-", 1)[1].split(".")[0]))] = res
+                done[(res.variant, index)] = res
     manifests = {}
     for v in config.variants:
         shards = [done[(v, i)] for i in range(len(chunks))]
@@ -276,8 +273,6 @@ def chunk_hash(config: BuildConfig, plan: Plan, variant: str, chunk: list[Source
 
 def _clear_stale(out: Path, config: BuildConfig, n_chunks: int) -> None:
     """Remove temporary files of killed runs and shards beyond this plan's count."""
-    from pipeline.shard_format import shard_name
-
     for v in config.variants:
         folder = out / v
         if not folder.is_dir():
