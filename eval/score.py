@@ -120,16 +120,24 @@ class ScoredModel:
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) on device -> normalised float at the model's input size."""
-        x = images.float()
-        if tuple(x.shape[-2:]) != self.size:
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        if tuple(images.shape[-2:]) != self.size:
+            x = images.float()
             mode = self.interpolation if self.interpolation in ("bilinear", "bicubic", "nearest", "area") else "bicubic"
             smooth = mode in ("bilinear", "bicubic")
             x = F.interpolate(x, size=self.size, mode=mode, antialias=smooth, align_corners=False if smooth else None)
-            x = x.clamp_(0.0, 255.0)  # bicubic overshoots; PIL clamps too
-        x = (x - self._mean) / self._std
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+            x = x.clamp_(0.0, 255.0).contiguous(memory_format=layout)  # bicubic overshoots; PIL clamps too
+        else:
+            # Cast and lay out in one pass (stream batches arrive channels-last); a fresh tensor either way.
+            x = images.to(torch.float32, memory_format=layout, copy=True)
+        if self.channels_last and x.is_contiguous(memory_format=torch.channels_last) and x.numel():
+            # Channels-last memory is (B*H, W*3) rows: normalise with per-row patterns of W*3
+            # values, which vectorises, instead of broadcasting over an innermost dimension of 3.
+            b, c, h, w = x.shape
+            rows = x.permute(0, 2, 3, 1).view(b * h, w * c)
+            rows.sub_(self._mean.view(1, c).repeat(1, w)).div_(self._std.view(1, c).repeat(1, w))
+            return x
+        return x.sub_(self._mean).div_(self._std)  # in place: no extra full-batch temporaries
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -145,7 +153,14 @@ def build_models(args: argparse.Namespace, device: torch.device) -> list[ScoredM
     """Registry rows -> models on ``device``; unavailable weights fail or are skipped per ``--skip-unavailable``."""
     from eval import zoo
 
-    specs = zoo.resolve_models(args.models)
+    if args.registry is None:
+        specs = zoo.resolve_models(args.models)
+    else:
+        try:
+            registry = zoo.load_registry(args.registry)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise EvalError(f"--registry {args.registry}: {str(exc).splitlines()[0]}") from exc
+        specs = zoo.resolve_models(args.models, registry)
     dtype = PRECISIONS[args.precision]
     built: list[ScoredModel] = []
     for spec in specs:
@@ -681,6 +696,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(repeatable; default: the demo shards shards/*/)",
     )
     p.add_argument("--models", default=None, help="paper32 | ID,ID,... | FILE of ids (default: the zoo's default model)")
+    p.add_argument(
+        "--registry",
+        default=None,
+        metavar="PATH",
+        help="model registry JSON that --models ids resolve in, e.g. with local TorchScript rows "
+        "(default: data_manifests/models.json)",
+    )
     p.add_argument("--out", default="results", help="results folder (default: results/)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decode worker processes")

