@@ -15,7 +15,6 @@ plain file names next to the manifest, so a manifest can never make us open a
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import re
@@ -41,6 +40,7 @@ from pipeline.shard_format import (
     META_EXTENSION,
     META_FIELDS,
     REJECTED_NAME,
+    HashingReader,
 )
 
 HTTP_TIMEOUT_S = 60.0
@@ -141,25 +141,6 @@ def plain_name_problem(name: Any) -> str | None:
 
 
 # --------------------------------------------------------------------------- reading one shard
-
-
-class _HashingReader:
-    """A read-only stream that hashes and counts everything read through it."""
-
-    def __init__(self, raw: IO[bytes]) -> None:
-        self.raw = raw
-        self.sha = hashlib.sha256()
-        self.bytes = 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
-        self.sha.update(data)
-        self.bytes += len(data)
-        return data
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
 
 
 @dataclass
@@ -307,7 +288,7 @@ def verify_shard(
     except (OSError, urllib.error.URLError) as exc:
         report.add(f"{shard}: cannot open ({exc})")
         return
-    reader = _HashingReader(raw)
+    reader = HashingReader(raw)
     count = 0
     try:
         try:
@@ -332,9 +313,9 @@ def verify_shard(
         raw.close()
     report.shards += 1
     report.samples += count
-    if entry.get("bytes") is not None and reader.bytes != entry["bytes"]:
-        report.add(f"{shard}: {reader.bytes} bytes, manifest says {entry['bytes']}")
-    digest = reader.sha.hexdigest()
+    if entry.get("bytes") is not None and reader.nbytes != entry["bytes"]:
+        report.add(f"{shard}: {reader.nbytes} bytes, manifest says {entry['bytes']}")
+    digest = reader.sha256.hexdigest()
     if str(entry.get("sha256", "")).lower() != digest:
         report.add(f"{shard}: sha256 {digest[:16]}..., manifest says {str(entry.get('sha256'))[:16]}...")
     if entry.get("count") is not None and count != entry["count"]:

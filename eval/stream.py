@@ -14,15 +14,15 @@ shards, so a consumer can commit results shard by shard (resume).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
+import os
 import posixpath
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ from pipeline.shard_format import (
     MASK_EXTENSION,
     META_EXTENSION,
     READABLE_EXTENSIONS,
+    HashingReader,
     ShardRef,
     open_shard,
 )
@@ -219,26 +220,6 @@ def decode_jpeg_batch(
 # ---------------------------------------------------------------------------
 # Tar reading
 # ---------------------------------------------------------------------------
-
-
-class HashingReader:
-    """Wrap a byte stream, hashing and counting exactly what is read."""
-
-    def __init__(self, raw: IO[bytes]) -> None:
-        self.raw = raw
-        self.sha256 = hashlib.sha256()
-        self.nbytes = 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
-        self.sha256.update(data)
-        self.nbytes += len(data)
-        return data
-
-    def drain(self) -> None:
-        """Read to the end (tar padding after the last member counts towards the hash)."""
-        while self.read(1 << 20):
-            pass
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -553,8 +534,13 @@ def make_loader(
     options: ReadOptions,
     workers: int,
     pin_memory: bool,
+    yield_cpu: bool = False,
 ) -> DataLoader:
-    """DataLoader over shard batches: at most one worker per shard, batches already formed."""
+    """DataLoader over shard batches: at most one worker per shard, batches already formed.
+
+    ``yield_cpu``: workers run only when a core would otherwise idle (for a
+    model on the CPU, whose threads the decoders would otherwise preempt).
+    """
     workers = max(0, min(workers, len(refs)))
     return DataLoader(
         ShardBatches(refs, shard_indices, batch_size, options),
@@ -563,7 +549,24 @@ def make_loader(
         pin_memory=pin_memory,
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
+        worker_init_fn=_yield_cpu if workers and yield_cpu else None,
     )
+
+
+def _yield_cpu(worker_id: int) -> None:
+    """Lowest CPU priority for a decode worker.
+
+    A model on the CPU runs its threads in lockstep, so a decoder preempting one
+    of them stalls them all; decoding needs far less CPU than the model, so the
+    idle moments between its parallel regions are enough to keep the queue full.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux: the nearest portable thing
+        try:
+            os.nice(19)
+        except OSError:
+            pass
 
 
 def images_to_device(batch: dict[str, Any], device: torch.device) -> torch.Tensor:

@@ -14,6 +14,7 @@ the same in every variant.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import posixpath
@@ -286,3 +287,23 @@ class _PipeStream:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class HashingReader:
+    """Wrap a byte stream, hashing and counting exactly what is read: a shard is checked as it streams."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.sha256 = hashlib.sha256()
+        self.nbytes = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.sha256.update(data)
+        self.nbytes += len(data)
+        return data
+
+    def drain(self) -> None:
+        """Read to the end (tar padding after the last member counts towards the hash)."""
+        while self.read(1 << 20):
+            pass
