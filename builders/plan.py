@@ -80,12 +80,12 @@ def probe_record(record: SourceRecord, config: BuildConfig) -> Probe:
     """Header-only geometry: frame, framed boxes and selection filters, no pixel decode."""
     try:
         with open(record.image, "rb") as fh:
-            data = fh.read()
+            img = open_image(fh)  # the header only: size and EXIF orientation
+            stored_size, orientation = img.size, exif_transpose_code(img)
     except FileNotFoundError:
         raise RejectedInput("missing_image", record.image) from None
-    img = open_image(data)
     geo = sample_geometry(
-        record, img.size, exif_transpose_code(img), size=config.size, resize=config.resize, filters=filters_of(config)
+        record, stored_size, orientation, size=config.size, resize=config.resize, filters=filters_of(config)
     )
     size = config.size
     xs0 = min(max(b[0], 0) for b in geo.framed)

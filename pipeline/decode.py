@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -20,20 +21,27 @@ MAX_IMAGE_PIXELS = 89_478_485
 MIN_SIDE = 8
 
 
-def open_image(data: bytes) -> Image.Image:
-    """Open (lazily) and sanity-check an encoded image; raise RejectedInput on bad bytes."""
-    if not data:
+def open_image(data: bytes | IO[bytes]) -> Image.Image:
+    """Open (lazily) and sanity-check an encoded image; raise RejectedInput on bad bytes.
+
+    ``data`` may be the bytes or a seekable binary file: from a file, only the
+    header is read, which is all that planning needs.
+    """
+    stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
+    head = stream.read(8)
+    stream.seek(0)
+    if not head:
         raise RejectedInput("empty_file", "0 bytes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(stream)
             w, h = img.size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise RejectedInput("decompression_bomb", str(exc).split(".")[0]) from None
     except Image.UnidentifiedImageError:
         # PIL's message holds the BytesIO's memory address: the detail must be the same on every run
-        raise RejectedInput("undecodable_image", f"not a known image format (starts {data[:8].hex()})") from None
+        raise RejectedInput("undecodable_image", f"not a known image format (starts {head.hex()})") from None
     except Exception as exc:  # PIL raises many types for garbage bytes
         raise RejectedInput("undecodable_image", f"{type(exc).__name__}: {exc}") from None
     if w * h > MAX_IMAGE_PIXELS:
