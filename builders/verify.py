@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import re
 import sys
 import tarfile
 import urllib.error
@@ -33,23 +32,23 @@ from tqdm import tqdm
 
 from pipeline.shard_format import (
     FORMAT_VERSION,
+    HTTP_TIMEOUT_S,
     IMAGE_EXTENSIONS,
     LABEL_EXTENSION,
     MANIFEST_NAME,
     MASK_EXTENSION,
+    MAX_MEMBER_BYTES,
     META_EXTENSION,
     META_FIELDS,
+    READABLE_EXTENSIONS,
     REJECTED_NAME,
     HashingReader,
+    is_remote,
+    plain_name_problem,
 )
 
-HTTP_TIMEOUT_S = 60.0
-# Members are small images and JSON; anything larger is not ours and is not read into memory.
-MAX_MEMBER_BYTES = 64 << 20
 # Decompression-bomb guard for --deep: refuse to decode images far larger than any frame we write.
 MAX_DECODE_PIXELS = 1 << 26
-_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-_KNOWN_EXTENSIONS = frozenset((*IMAGE_EXTENSIONS, LABEL_EXTENSION, META_EXTENSION, MASK_EXTENSION))
 
 
 class VerifyError(ValueError):
@@ -72,10 +71,6 @@ class VerifyReport:
 
 
 # --------------------------------------------------------------------------- locating manifests
-
-
-def is_remote(location: str) -> bool:
-    return location.startswith(("http://", "https://"))
 
 
 def find_manifests(path_or_url: str) -> list[str]:
@@ -129,15 +124,6 @@ def _sibling(location: str, name: str) -> str:
     if is_remote(location):
         return location.rsplit("/", 1)[0] + "/" + urllib.parse.quote(name)
     return str(Path(location).parent / name)
-
-
-def plain_name_problem(name: Any) -> str | None:
-    """Why a manifest's shard name is refused, or None when it is a plain file name."""
-    if not isinstance(name, str) or not name:
-        return f"shard entry without a name: {name!r}"
-    if "/" in name or "\\" in name or ".." in name or ":" in name or not _PLAIN_NAME.match(name):
-        return f"refusing shard name {name!r}: not a plain file name next to the manifest"
-    return None
 
 
 # --------------------------------------------------------------------------- reading one shard
@@ -217,7 +203,7 @@ def check_sample(
         problems.append(f"{key}: {len(images)} image members (expected exactly one of .jpg/.png/.webp)")
     elif config.get("format") and images[0] != config["format"]:
         problems.append(f"{key}: image is .{images[0]}, config format is {config['format']}")
-    unknown = sorted(set(members) - _KNOWN_EXTENSIONS)
+    unknown = sorted(set(members) - READABLE_EXTENSIONS)
     if unknown:
         problems.append(f"{key}: unexpected member(s) {', '.join('.' + e for e in unknown)}")
     with_masks = bool(config.get("with_masks"))

@@ -34,6 +34,7 @@ from pipeline.shard_format import (
     IMAGE_EXTENSIONS,
     LABEL_EXTENSION,
     MASK_EXTENSION,
+    MAX_MEMBER_BYTES,
     META_EXTENSION,
     READABLE_EXTENSIONS,
     HashingReader,
@@ -43,8 +44,6 @@ from pipeline.shard_format import (
 
 # Refuse images above this many pixels (decompression bombs); frames are ~224x224.
 MAX_IMAGE_PIXELS = 8192 * 8192
-# Refuse members above this size before reading them into memory.
-MAX_MEMBER_BYTES = 64 * 2**20
 # Encoded formats PIL may use, whatever the member's extension says.
 PIL_FORMATS = ("JPEG", "PNG", "WEBP")
 ON_ERROR = ("raise", "skip")

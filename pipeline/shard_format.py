@@ -16,8 +16,8 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import os
 import posixpath
+import re
 import subprocess
 import urllib.parse
 import urllib.request
@@ -81,6 +81,8 @@ def shard_name(variant: str, index: int) -> str:
 # ---------------------------------------------------------------------------
 
 HTTP_TIMEOUT_S = 60.0
+# Members are small images and JSON; a larger one is not ours and is never read into memory.
+MAX_MEMBER_BYTES = 64 << 20
 
 
 class ShardSpecError(ValueError):
@@ -97,6 +99,23 @@ class ShardRef:
     count: int | None = None
     variant: str | None = None
     size_bytes: int | None = None
+
+
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+def plain_name_problem(name: Any) -> str | None:
+    """Why a manifest's shard name is refused, or None when it is a plain file name.
+
+    The builder writes shards beside their manifest, so that is all a manifest
+    may name: never a ``pipe:`` command, a path elsewhere or another URL. One
+    rule for every reader (the evaluator and the verifier).
+    """
+    if not isinstance(name, str) or not name:
+        return f"shard entry without a name: {name!r}"
+    if "/" in name or "\\" in name or ".." in name or ":" in name or not _PLAIN_NAME.match(name):
+        return f"refusing shard name {name!r}: not a plain file name next to the manifest"
+    return None
 
 
 def is_remote(url: str) -> bool:
@@ -137,35 +156,22 @@ def _manifest_base(location: str) -> str:
 def manifest_shards(manifest: dict[str, Any], location: str) -> list[ShardRef]:
     """Shards listed by a manifest, resolved against the manifest's own folder.
 
-    Entries must stay inside that folder: a manifest is data, so it may never
-    name a ``pipe:`` command, an absolute path, or a URL elsewhere.
+    Entries must be plain file names in that folder (:func:`plain_name_problem`):
+    a manifest is data, so it may never name a ``pipe:`` command, a path, or a URL.
     """
     base = _manifest_base(location)
     refs: list[ShardRef] = []
     for entry in manifest["shards"]:
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-            raise ShardSpecError(f"manifest {location}: shard entry without a name: {entry!r}")
-        name = entry["name"]
-        if is_pipe(name) or "\x00" in name:
-            raise ShardSpecError(f"manifest {location}: refusing shard {name!r} (pipe: only allowed on the command line)")
-        if "://" in name:
-            if not (is_remote(base) and name.startswith(base)):
-                raise ShardSpecError(f"manifest {location}: refusing shard {name!r} outside the manifest's folder")
-            url = name
-            rel = name[len(base):]
-        else:
-            rel = name
-            url = None
-        normal = posixpath.normpath(rel)
-        if rel.startswith(("/", "\\")) or os.path.isabs(rel) or normal.startswith("..") or ":" in rel:
-            raise ShardSpecError(f"manifest {location}: refusing shard {name!r} outside the manifest's folder")
-        if url is None:
-            url = base + urllib.parse.quote(normal) if is_remote(base) else str(Path(base) / normal)
+        name = entry.get("name") if isinstance(entry, dict) else None
+        problem = plain_name_problem(name)
+        if problem:
+            raise ShardSpecError(f"manifest {location}: {problem}")
+        url = base + urllib.parse.quote(name) if is_remote(base) else str(Path(base) / name)
         sha = entry.get("sha256")
         refs.append(
             ShardRef(
                 url=url,
-                name=posixpath.basename(normal),
+                name=name,
                 sha256=str(sha).lower() if sha else None,
                 count=int(entry["count"]) if entry.get("count") is not None else None,
                 variant=entry.get("variant") or manifest.get("variant"),
