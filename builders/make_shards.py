@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -21,7 +20,15 @@ from builders.config import BuildConfig, ConfigError, list_recipes, load_recipe
 from builders.plan import Plan, annotation_hash, make_plan, probe_batch
 from builders.shards import ShardResult, build_chunk, read_completion
 from pipeline.records import Rejection, SourceRecord
-from pipeline.shard_format import FILLS, FORMAT_VERSION, MANIFEST_NAME, REJECTED_NAME, VARIANTS, shard_name
+from pipeline.shard_format import (
+    FILLS,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    REJECTED_NAME,
+    VARIANTS,
+    atomic_write_text,
+    shard_name,
+)
 from pipeline.sources import SourceError
 
 
@@ -327,15 +334,9 @@ def write_manifest(folder: Path, variant: str, config: BuildConfig, plan: Plan, 
         "rejected": rejected,
     }
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / REJECTED_NAME, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejected))
-    _atomic_write(folder / MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(folder / REJECTED_NAME, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejected))
+    atomic_write_text(folder / MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

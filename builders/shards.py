@@ -30,7 +30,7 @@ from pipeline.masks import SelectionFilters
 from pipeline.prepare import PreparedSample, prepare_sample
 from pipeline.records import RejectedInput, Rejection, SourceRecord
 from pipeline.rng import rng_for
-from pipeline.shard_format import MIXED_VARIANTS, shard_name
+from pipeline.shard_format import MIXED_VARIANTS, atomic_write_text, shard_name
 from pipeline.textures import procedural_texture, texture_frame
 
 FILL_VARIANTS = ("only_fg", "only_bg_b", "no_fg")
@@ -373,11 +373,7 @@ def completion_path(variant_dir: Path, name: str) -> Path:
 
 def write_completion(variant_dir: Path, result: ShardResult) -> None:
     """Record a finished shard (atomically) so that a rerun can skip it."""
-    path = completion_path(variant_dir, result.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result.__dict__, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_text(completion_path(variant_dir, result.name), json.dumps(result.__dict__, sort_keys=True))
 
 
 def read_completion(variant_dir: Path, name: str, config_hash: str) -> ShardResult | None:

@@ -18,12 +18,12 @@ that exists is complete. Columns:
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.shard_format import atomic_write_text
 
 COLUMNS = ("key", "label", "pred", "top5", "p_true", "in9_label", "in9_pred")
 
@@ -71,23 +71,6 @@ _FIELDS = ("keys", "label", "pred", "top5", "p_true", "in9_label", "in9_pred")
 
 def predictions_path(results: str | Path, model_id: str, variant: str) -> Path:
     return Path(results) / "predictions" / model_id / f"{variant}.csv"
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temporary file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_predictions(path: str | Path, preds: Predictions) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import os
 import posixpath
 import re
 import subprocess
@@ -313,3 +314,23 @@ class HashingReader:
         """Read to the end (tar padding after the last member counts towards the hash)."""
         while self.read(1 << 20):
             pass
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write via a temporary name in the same folder, then rename: readers never see half a file.
+
+    The temporary name (``.<name>.<pid>.tmp``) is one a rerun of the builder
+    cleans up; ordinary permissions, so a published manifest stays readable.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
