@@ -7,10 +7,11 @@ import json
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from data_manifests import data_file
 from pipeline.shard_format import FILLS, FORMAT_VERSION, VARIANTS
 
 SOURCES = ("demo", "imagenet-val", "imagenet-train", "loc-csv", "coco", "mask-dir")
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "data_manifests" / "recipes"
+RECIPES_DIR = data_file("recipes")
 
 # Fields that never change a shard's bytes: where it goes and how it is scheduled.
 _RUNTIME_FIELDS = {"variants", "out", "workers", "backend", "scheduler", "recipe"}

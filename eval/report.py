@@ -53,9 +53,9 @@ class Notes:
 
 
 def models_json_path() -> Path:
-    from pipeline.classes import DATA_DIR
+    from data_manifests import data_file
 
-    return DATA_DIR / "models.json"
+    return data_file("models.json")
 
 
 def load_model_metadata(path: Path, notes: Notes) -> dict[str, dict]:

@@ -38,7 +38,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-REGISTRY_FILE = Path(__file__).resolve().parent.parent / "data_manifests" / "models.json"
+from data_manifests import data_file
+
+REGISTRY_FILE = data_file("models.json")
 FORMAT_VERSION = 1
 DEFAULT_MODEL = "tf_efficientnet_lite0"
 SOURCES = ("torchvision", "timm", "package", "torchscript")

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data_manifests"
-IN1K_FILE = DATA_DIR / "imagenet_classes.tsv"
-IN9_MAP_FILE = DATA_DIR / "in_to_in9.json"
-IN9_NAMES_FILE = DATA_DIR / "in9_classes.txt"
+from data_manifests import data_file
+
+IN1K_FILE = data_file("imagenet_classes.tsv")
+IN9_MAP_FILE = data_file("in_to_in9.json")
+IN9_NAMES_FILE = data_file("in9_classes.txt")
 
 
 @dataclass(frozen=True)

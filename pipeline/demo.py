@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.classes import DATA_DIR, wnid_to_index
+from data_manifests import data_file
+from pipeline.classes import wnid_to_index
 from pipeline.records import Box, Rejection, Segmentation, SourceRecord
 
-ANNOTATIONS = DATA_DIR / "demo" / "annotations.json"
+ANNOTATIONS = data_file("demo", "annotations.json")
 
 
 class DemoUnavailable(RuntimeError):
