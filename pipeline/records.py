@@ -7,6 +7,7 @@ reason code from :data:`REASONS`, so a build can account for every input
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -137,12 +138,24 @@ class RejectedInput(Exception):
         self.detail = detail
 
 
-def is_valid_key(key: str) -> bool:
-    """Keys join variants; WebDataset splits member names at the first dot."""
-    return bool(key) and "." not in key and "/" not in key and not key.startswith("_")
+# The key alphabet, in one place: what webdataset (the key ends at the first dot), CSV (no comma,
+# quote or newline), JSON, URLs and every filesystem accept unchanged. A USTAR member name holds
+# 100 bytes and the longest member suffix is ".mask.png", so a key has at most 91 characters.
+KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+MAX_KEY_LENGTH = 91
 
 
-def key_from_filename(name: str) -> str:
-    """Image id without directory and extension (``ILSVRC2012_val_00000001``)."""
-    base = name.rsplit("/", 1)[-1]
-    return base.split(".", 1)[0]
+def key_problem(key: object) -> str | None:
+    """Why ``key`` cannot be a sample key, or None when it can (one rule for sources, shards and results)."""
+    if not isinstance(key, str) or not key:
+        return "empty key"
+    if len(key) > MAX_KEY_LENGTH:
+        return f"{len(key)} characters (at most {MAX_KEY_LENGTH})"
+    if not KEY_PATTERN.fullmatch(key):
+        return "only letters, digits, '_' and '-' (starting with a letter or digit)"
+    return None
+
+
+def is_valid_key(key: object) -> bool:
+    """Keys join variants across shards and results; see :func:`key_problem`."""
+    return key_problem(key) is None
