@@ -132,9 +132,9 @@ def decode_pass(shards: Path, batch: int, workers: int) -> tuple[int, float]:
     n = 0
     # Decoders at normal priority: the fastest pass, so the K-model budget is the strictest.
     for item in make_loader(refs, list(range(len(refs))), batch, ReadOptions(), workers, pin_memory=False):
-        if item.get("error"):
-            raise StreamError(item["error"])
-        n += len(item["keys"])
+        if item.error:
+            raise StreamError(item.error)
+        n += len(item.keys)
     return n, time.perf_counter() - started
 
 

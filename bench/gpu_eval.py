@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
-import io
 import json
 import os
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -39,51 +36,53 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from eval import score, zoo  # noqa: E402
-from pipeline.shard_format import FORMAT_VERSION, MANIFEST_NAME, shard_name  # noqa: E402
+from eval.device import PRECISIONS  # noqa: E402
+from pipeline.shard_format import MANIFEST_NAME, shard_name  # noqa: E402
 
 QUICK_SWEEP = "mobilenet_v3_small,resnet18,squeezenet1_1"
 
 
 def synthetic_jpegs(rng: np.random.Generator, n_unique: int, size: int) -> list[bytes]:
-    """Smooth random images encoded like the builder does (quality 95, 4:4:4); reused across keys."""
+    """Smooth random images encoded as the builder encodes them (its own encoder); reused across keys."""
+    from builders.shards import encode_image
+
     out = []
     for _ in range(n_unique):
         coarse = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
         pixels = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC))
         noise = rng.integers(-12, 13, size=pixels.shape)
-        buf = io.BytesIO()
-        Image.fromarray(np.clip(pixels + noise, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=95, subsampling=0)
-        out.append(buf.getvalue())
+        out.append(encode_image(np.clip(pixels + noise, 0, 255).astype(np.uint8), "jpg", 95))
     return out
 
 
 def write_synthetic_shards(folder: Path, n_shards: int, per_shard: int, size: int, seed: int = 0) -> Path:
-    """``folder/original/`` with ``n_shards`` shards and a manifest; labels cycle over ImageNet-1k."""
+    """``folder/original/`` with ``n_shards`` shards and a manifest, written through the shard format."""
+    from pipeline.classes import imagenet_classes, to_in9
+    from pipeline.shard_format.manifest import Manifest, ShardEntry, Totals
+    from pipeline.shard_format.spec import META_FIELDS, sample_members
+    from pipeline.shard_format.writer import ShardFile
+
     rng = np.random.default_rng(seed)
     images = synthetic_jpegs(rng, min(256, n_shards * per_shard), size)
     variant_dir = folder / "original"
     variant_dir.mkdir(parents=True, exist_ok=True)
+    wnids = imagenet_classes().wnids
     entries = []
     i = 0
     for s in range(n_shards):
-        path = variant_dir / shard_name("original", s)
-        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for _ in range(per_shard):
-                key = f"syn{i:07d}"
-                label = (i * 7) % 1000
-                meta = json.dumps({"key": key, "variant": "original", "label": label}).encode()
-                for name, data in ((f"{key}.jpg", images[i % len(images)]), (f"{key}.cls", str(label).encode()),
-                                   (f"{key}.json", meta)):
-                    info = tarfile.TarInfo(name)
-                    info.size, info.mtime, info.mode = len(data), 0, 0o644
-                    tar.addfile(info, io.BytesIO(data))
-                i += 1
-        data = path.read_bytes()
-        entries.append({"name": path.name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-                        "count": per_shard})
-    manifest = {"format_version": FORMAT_VERSION, "variant": "original", "shards": entries,
-                "totals": {"samples": i}, "config": {"size": size, "resize": size * 8 // 7}}
-    (variant_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+        shard = ShardFile(variant_dir / shard_name("original", s))
+        for _ in range(per_shard):
+            key, label = f"syn{i:07d}", (i * 7) % 1000
+            meta = dict.fromkeys(META_FIELDS)
+            meta.update(key=key, variant="original", label=label, wnid=wnids[label], in9_label=to_in9(label),
+                        source="synthetic", seed=seed)
+            shard.write(sample_members(key, images[i % len(images)], "jpg", label, meta))
+            i += 1
+        sha, nbytes = shard.close()
+        entries.append(ShardEntry(shard_name("original", s), sha, nbytes, per_shard))
+    manifest = Manifest(variant="original", shards=tuple(entries), totals=Totals(samples=i, shards=n_shards),
+                        config={"size": size, "resize": size * 8 // 7, "format": "jpg"})
+    (variant_dir / MANIFEST_NAME).write_text(manifest.to_json())
     return variant_dir
 
 
@@ -96,7 +95,7 @@ def forward_only(model_id: str, device: torch.device, precision: str, channels_l
     model = model.to(memory_format=memory_format)
     size = spec.input_size
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
-    dtype = score.PRECISIONS[precision]
+    dtype = PRECISIONS[precision]
 
     def step() -> None:
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -125,7 +124,7 @@ def gpu_decode_check(shards: Path, device: torch.device, batch: int) -> dict[str
     cpu = next(iter(make_loader(refs, [0], batch, ReadOptions(), 0, False)))
     gpu = next(iter(make_loader(refs, [0], batch, ReadOptions(defer_jpeg=True), 0, False)))
     decoded = images_to_device(gpu, device).cpu()
-    diff = (decoded.int() - cpu["images"].int()).abs()
+    diff = (decoded.int() - cpu.images.int()).abs()
     return {"images": int(decoded.shape[0]), "max_abs_diff": int(diff.max()), "mean_abs_diff": float(diff.float().mean())}
 
 
@@ -152,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     p.add_argument("--device", choices=("cuda", "cpu"), default=None)
-    p.add_argument("--precision", choices=tuple(score.PRECISIONS), default=None)
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default=None)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--no-sweep", action="store_true", help="skip the multi-model sweep")
     p.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")

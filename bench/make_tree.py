@@ -20,16 +20,34 @@ def tree_dir(out: str | Path, n: int, n_classes: int) -> Path:
     return Path(out) / f"n{n}-c{n_classes}"
 
 
+def tree_classes(n_classes: int) -> tuple[str, ...]:
+    """The classes of a tree: all 1000 in index order, or for fewer, the ImageNet-9 superclasses in turn.
+
+    A small tree then still has images of several superclasses, so the class
+    relations of mixed_same and mixed_next (also at the superclass level) find partners.
+    """
+    from itertools import zip_longest
+
+    from pipeline.classes import imagenet_classes, in9_members, to_in9
+
+    wnids = imagenet_classes().wnids
+    if n_classes >= len(wnids):
+        return tuple(wnids)
+    order = [i for group in zip_longest(*in9_members()) for i in group if i is not None]
+    order += [i for i in range(len(wnids)) if to_in9(i) < 0]
+    return tuple(wnids[i] for i in order[:n_classes])
+
+
 def _write_range(root: Path, start: int, stop: int, wnids: tuple[str, ...], seed: int) -> None:
     """Images ``start..stop-1`` exactly as make_val_tree writes them (it seeds per image)."""
     import numpy as np
 
-    from tests.fixtures_imagenet import _write_sample
+    from bench.imagenet_tree import write_sample
 
     images_dir, boxes_dir = root / "val", root / "ILSVRC2012_bbox_val_v3"
     for i in range(start, stop):
         key = f"ILSVRC2012_val_{i + 1:08d}"
-        _write_sample(
+        write_sample(
             images_dir / f"{key}.JPEG",
             boxes_dir / "val" / f"{key}.xml",
             key,
@@ -45,14 +63,13 @@ def make_tree(
     out: str | Path, n: int, n_classes: int = 1000, seed: int = 0, workers: int = 1, progress: bool = False
 ) -> tuple[Path, Path]:
     """Generate (or reuse) the tree; returns ``(images_dir, boxes_dir)`` for ``--source imagenet-val``."""
-    from pipeline.classes import imagenet_classes
-    from tests.fixtures_imagenet import make_val_tree
+    from bench.imagenet_tree import make_val_tree
 
     root = tree_dir(out, n, n_classes)
     images_dir, boxes_dir = root / "val", root / "ILSVRC2012_bbox_val_v3"
     if (root / DONE_NAME).exists():
         return images_dir, boxes_dir
-    wnids = tuple(imagenet_classes().wnids[:n_classes])
+    wnids = tree_classes(n_classes)
     # make_val_tree creates the layout (and writes image 0); the rest in parallel blocks.
     make_val_tree(root, min(n, 1), classes=wnids, seed=seed, size_choices=BENCH_SIZES, photo_like=True)
     import joblib

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import builders.version
 from data_manifests import data_file
-from pipeline.shard_format import FILLS, FORMAT_VERSION, VARIANTS
+from pipeline.shard_format.spec import FORMAT_VERSION
+from pipeline.sources import READERS
+from pipeline.variants import FILLS, VARIANTS
 
-SOURCES = ("demo", "imagenet-val", "imagenet-train", "loc-csv", "coco", "mask-dir")
+SOURCES = tuple(READERS)  # the source kinds, in --help order: pipeline.sources.READERS is the table
 RECIPES_DIR = data_file("recipes")
 
 # Fields that never change a shard's bytes: where it goes and how it is scheduled.
@@ -55,11 +58,11 @@ class BuildConfig:
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown or not self.variants:
             raise ConfigError(f"unknown variant {','.join(unknown) or '(none)'}; choose from {', '.join(VARIANTS)} or all")
-        if self.source not in SOURCES:
+        if self.source not in READERS:
             raise ConfigError(f"unknown --source {self.source!r}; choose from {', '.join(SOURCES)}")
-        if self.source != "demo" and not self.images:
+        if READERS[self.source].needs_images and not self.images:
             raise ConfigError(f"--source {self.source} needs --images DIR")
-        if self.source in ("imagenet-val", "loc-csv", "coco", "mask-dir") and not self.annotations:
+        if READERS[self.source].needs_annotations and not self.annotations:
             raise ConfigError(f"--source {self.source} needs --annotations PATH")
         if self.fill not in FILLS:
             raise ConfigError(f"unknown --fill {self.fill!r}; choose from {', '.join(FILLS)}")
@@ -98,6 +101,7 @@ class BuildConfig:
             if row.get(name) and row[name] not in ("all", "in9"):
                 row[name] = Path(row[name]).name  # the folder's name, not where it lives on this machine
         row["format_version"] = FORMAT_VERSION
+        row["builder_version"] = builders.version.BUILDER_VERSION  # new code that changes pixels rebuilds: never stale shards
         return row
 
     def variant_hash(self, variant: str) -> str:
@@ -129,6 +133,3 @@ def load_recipe(path: str | Path) -> dict:
 def list_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.json"))
 
-
-def merge(base: BuildConfig, overrides: dict) -> BuildConfig:
-    return replace(base, **overrides)

@@ -9,27 +9,35 @@ that are already complete and valid.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import platform
 import sys
 import time
 from dataclasses import astuple, fields, replace
 from pathlib import Path
 
+import builders.version
 from builders.config import BuildConfig, ConfigError, list_recipes, load_recipe
+from builders.jobs import run_jobs
 from builders.plan import Plan, annotation_hash, make_plan, probe_batch
-from builders.shards import ShardResult, build_chunk, read_completion
-from pipeline.records import Rejection, SourceRecord
-from pipeline.shard_format import (
-    FILLS,
-    FORMAT_VERSION,
-    MANIFEST_NAME,
-    REJECTED_NAME,
-    VARIANTS,
-    atomic_write_text,
-    shard_name,
+from builders.shards import (
+    BUILD_DIR,
+    BuildAborted,
+    ShardResult,
+    build_chunk,
+    completion_path,
+    read_completion,
 )
-from pipeline.sources import SourceError
+from pipeline.classes import to_in9
+from pipeline.files import atomic_write_text
+from pipeline.locks import FolderBusy, exclusive
+from pipeline.records import Rejection, SourceRecord
+from pipeline.shard_format.manifest import Manifest, RejectedFile, ShardEntry, Totals, timm_info
+from pipeline.shard_format.spec import MANIFEST_NAME, REJECTED_NAME, TIMM_INFO_NAME, shard_name
+from pipeline.sources import READERS, SourceError
+from pipeline.variants import FILLS, VARIANTS
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, argparse.Namespace]:
@@ -42,12 +50,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, argparse.Nam
                    help=f"variant to build (repeatable, or 'all'): {', '.join(VARIANTS)}. Default mixed_rand")
     p.add_argument("--recipe", help=f"JSON build config (file, or built-in name: {', '.join(list_recipes())}); "
                    "command-line options override it")
-    p.add_argument("--source", choices=["demo", "imagenet-val", "imagenet-train", "loc-csv", "coco", "mask-dir"],
-                   help="input layout (default demo)")
+    p.add_argument("--source", choices=list(READERS),
+                   help="input layout (default demo): "
+                   + "; ".join(f"{kind}: {spec.description}" for kind, spec in READERS.items()))
     p.add_argument("--images", help="image folder (val: flat; train: <wnid>/ subfolders)")
     p.add_argument("--annotations", help="boxes/masks: VOC XML folder or .tgz, LOC_*_solution.csv, COCO JSON, "
                    "or a PNG mask folder")
-    p.add_argument("--category-map", help="coco: JSON mapping category id/name -> ImageNet wnid")
+    p.add_argument("--category-map", help="coco: JSON mapping category id/name -> ImageNet wnid; "
+                   "mask-dir: JSON mapping ImageNet-S class id -> wnid (foreground = the image's own class)")
     p.add_argument("--out", help="output folder (default ./shards)")
     p.add_argument("--size", type=int, help="frame size after the centre crop (default 224)")
     p.add_argument("--resize", type=int, help="shorter side before the crop (default 256)")
@@ -112,50 +122,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, argparse.Nam
 
 
 def read_inputs(config: BuildConfig) -> list[SourceRecord | Rejection]:
-    if config.source == "demo":
-        from pipeline.demo import read_demo
-
-        return list(read_demo())
     from pipeline.sources import read_source
 
-    options = {"category_map": config.category_map} if config.source == "coco" and config.category_map else {}
+    # the reader's options that are also build options (e.g. category_map) come from the config
+    options = {name: getattr(config, name) for name in READERS[config.source].options if getattr(config, name, None)}
     return list(read_source(config.source, config.images, config.annotations, **options))
-
-
-def run_jobs(config: BuildConfig, calls: list, weights: list[int], desc: str, progress: bool) -> list:
-    """Run joblib-delayed calls (serially, on loky workers, or on a Dask cluster), results in call order.
-
-    Results arrive in completion order and are put back by index, so the output
-    never depends on scheduling; the progress bar is weighted by images.
-    """
-    import contextlib
-
-    import joblib
-    from tqdm import tqdm
-
-    tagged = [joblib.delayed(_tagged)(i, fn, args, kwargs) for i, (fn, args, kwargs) in enumerate(calls)]
-    results: list = [None] * len(calls)
-    n_jobs = min(config.workers, max(1, len(calls)))
-    with contextlib.ExitStack() as stack:
-        bar = stack.enter_context(tqdm(total=sum(weights), desc=desc, unit="img", disable=not progress))
-        if config.backend == "dask":
-            from dask.distributed import Client
-
-            stack.enter_context(Client(config.scheduler, timeout="30s"))
-            stack.enter_context(joblib.parallel_config(backend="dask"))
-            stream = joblib.Parallel(return_as="generator_unordered")(tagged)
-        elif n_jobs > 1:
-            stream = joblib.Parallel(n_jobs=n_jobs, backend="loky", return_as="generator_unordered")(tagged)
-        else:
-            stream = (fn(*args, **kwargs) for fn, args, kwargs in tagged)
-        for i, value in stream:
-            results[i] = value
-            bar.update(weights[i])
-    return results
-
-
-def _tagged(i, fn, args, kwargs):
-    return i, fn(*args, **kwargs)
 
 
 def probe_all(config: BuildConfig, items: list, progress: bool) -> dict:
@@ -200,8 +171,14 @@ def versions() -> dict:
     return out
 
 
-def build(config: BuildConfig, progress: bool = True) -> dict[str, dict]:
-    """Plan, build missing shards, write manifests. Returns {variant: manifest}."""
+def build(config: BuildConfig, progress: bool = True) -> dict[str, Manifest]:
+    """Plan, build missing shards, write manifests; one build at a time per ``--out``."""
+    out = Path(config.out)
+    with exclusive(out, "build"):
+        return _build_locked(config, out, progress)
+
+
+def _build_locked(config: BuildConfig, out: Path, progress: bool) -> dict[str, Manifest]:
     import joblib
 
     items = read_inputs(config)
@@ -210,7 +187,6 @@ def build(config: BuildConfig, progress: bool = True) -> dict[str, dict]:
     probes = probe_all(config, items, progress)
     plan = make_plan(items, config, probes)
     chunks = plan.chunks()
-    out = Path(config.out)
     dropped = {v: {r.key for r in plan.variant_rejections[v]} for v in config.variants}
 
     done: dict[tuple[str, int], ShardResult] = {}
@@ -240,7 +216,7 @@ def build(config: BuildConfig, progress: bool = True) -> dict[str, dict]:
         calls.append(
             joblib.delayed(build_chunk)(
                 index, chunk, variants, config, assignments, chunk_dropped, partners,
-                {v: hashes[(v, index)] for v in variants},
+                {v: hashes[(v, index)] for v in variants}, os.getpid(),
             )
         )
     if calls:
@@ -252,6 +228,14 @@ def build(config: BuildConfig, progress: bool = True) -> dict[str, dict]:
     for v in config.variants:
         shards = [done[(v, i)] for i in range(len(chunks))]
         manifests[v] = write_manifest(out / v, v, config, plan, shards)
+    empty = [v for v, m in manifests.items() if not m.totals.samples]
+    if empty:
+        reasons = manifests[empty[0]].rejected_reasons or {}
+        top = max(reasons.items(), key=lambda kv: kv[1]) if reasons else ("none", 0)
+        raise ConfigError(
+            f"no sample accepted for {', '.join(empty)}: {plan.n_inputs} input(s), most often rejected as "
+            f"{top[0]} ({top[1]}); see {out / empty[0] / REJECTED_NAME}"
+        )
     return manifests
 
 
@@ -279,22 +263,24 @@ def chunk_hash(config: BuildConfig, plan: Plan, variant: str, chunk: list[Source
 
 
 def _clear_stale(out: Path, config: BuildConfig, n_chunks: int) -> None:
-    """Remove temporary files of killed runs and shards beyond this plan's count."""
+    """Remove temporary files of killed runs and shards beyond this plan's count (the build holds the lock)."""
     for v in config.variants:
         folder = out / v
         if not folder.is_dir():
             continue
         for tmp in folder.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
+        for tmp in (folder / BUILD_DIR).glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
         index = n_chunks
         while (folder / shard_name(v, index)).exists():
             (folder / shard_name(v, index)).unlink()
-            (folder / ".build" / f"{shard_name(v, index)}.json").unlink(missing_ok=True)
+            completion_path(folder, shard_name(v, index)).unlink(missing_ok=True)
             index += 1
 
 
-def write_manifest(folder: Path, variant: str, config: BuildConfig, plan: Plan, shards: list[ShardResult]) -> dict:
-    """manifest.json + rejected.jsonl for one variant; accepted + rejected = inputs."""
+def write_manifest(folder: Path, variant: str, config: BuildConfig, plan: Plan, shards: list[ShardResult]) -> Manifest:
+    """manifest.json, rejected.jsonl and _info.json for one variant; accepted + rejected = inputs."""
     rejected = [r.to_json() for r in plan.rejections]
     rejected += [r.to_json() for r in plan.variant_rejections[variant]]
     for s in shards:
@@ -312,30 +298,27 @@ def write_manifest(folder: Path, variant: str, config: BuildConfig, plan: Plan, 
     reasons: dict[str, int] = {}
     for r in rejected:
         reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "variant": variant,
-        "config": config.output_config(),
-        "config_hash": config.variant_hash(variant),
-        "seed": config.seed,
-        "versions": versions(),
-        "source": {"kind": config.source, "annotation_sha256": plan.source_hash, "inputs": plan.n_inputs},
-        "textures": plan.textures if variant == "texture" else None,
-        "shards": [{"name": s.name, "sha256": s.sha256, "bytes": s.bytes, "count": s.count} for s in shards],
-        "totals": {
-            "samples": total,
-            "shards": len(shards),
-            "bytes": sum(s.bytes for s in shards),
-            "inputs": plan.n_inputs,
-            "rejected": len(rejected),
-        },
-        "class_histogram": dict(sorted(histogram.items(), key=lambda kv: int(kv[0]))),
-        "rejected_reasons": dict(sorted(reasons.items())),
-        "rejected": rejected,
-    }
+    rejected_text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejected)
+    manifest = Manifest(
+        variant=variant,
+        builder_version=builders.version.BUILDER_VERSION,
+        config=config.output_config(),
+        config_hash=config.variant_hash(variant),
+        seed=config.seed,
+        versions=versions(),
+        source={"kind": config.source, "annotation_sha256": plan.source_hash, "inputs": plan.n_inputs},
+        textures=tuple(plan.textures) if plan.textures and variant == "texture" else None,
+        shards=tuple(ShardEntry(s.name, s.sha256, s.nbytes, s.count) for s in shards),
+        totals=Totals(total, len(shards), sum(s.nbytes for s in shards), plan.n_inputs, len(rejected)),
+        class_histogram=dict(sorted(histogram.items(), key=lambda kv: int(kv[0]))),
+        rejected_reasons=dict(sorted(reasons.items())),
+        rejected=RejectedFile(REJECTED_NAME, hashlib.sha256(rejected_text.encode()).hexdigest(), len(rejected)),
+    )
+    in9_lengths = [sum(n for label, n in s.labels.items() if to_in9(int(label)) >= 0) for s in shards]
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / REJECTED_NAME, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejected))
-    atomic_write_text(folder / MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(folder / REJECTED_NAME, rejected_text)
+    atomic_write_text(folder / TIMM_INFO_NAME, json.dumps(timm_info(manifest, in9_lengths), indent=1) + "\n")
+    atomic_write_text(folder / MANIFEST_NAME, manifest.to_json())
     return manifest
 
 
@@ -349,8 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     try:
         manifests = build(config, progress=progress)
-    except (ConfigError, SourceError, RuntimeError) as exc:
-        print(f"make_shards: error: {exc}", file=sys.stderr)
+    except (ConfigError, SourceError, FolderBusy, BuildAborted, RuntimeError) as exc:
+        print(f"make_shards: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("make_shards: interrupted; rerun the same command to resume", file=sys.stderr)
@@ -361,10 +344,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     elapsed = time.time() - started
     for v, m in manifests.items():
-        t = m["totals"]
-        print(f"{v:>11}: {t['samples']} samples in {t['shards']} shard(s), {t['rejected']} rejected "
+        t = m.totals
+        print(f"{v:>11}: {t.samples} samples in {t.shards} shard(s), {t.rejected} rejected "
               f"-> {Path(config.out) / v}")
-    n = max(m["source"]["inputs"] for m in manifests.values())
+    n = max(m.source["inputs"] for m in manifests.values())
     print(f"{n} inputs, {len(manifests)} variant(s) in {elapsed:.1f} s")
     return 0
 

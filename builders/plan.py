@@ -17,13 +17,14 @@ from pathlib import Path
 
 from builders.config import BuildConfig
 from pipeline.classes import imagenet_classes, to_in9
-from pipeline.decode import exif_transpose_code, open_image
+from pipeline.decode import SOURCE_FORMATS, exif_transpose_code, open_image
+from pipeline.files import open_regular, read_regular
 from pipeline.masks import SelectionFilters
 from pipeline.prepare import sample_geometry
 from pipeline.records import RejectedInput, Rejection, SourceRecord
 from pipeline.rng import rng_for
-from pipeline.shard_format import BACKGROUND_ONLY_VARIANTS, MIXED_VARIANTS
 from pipeline.textures import N_PROCEDURAL
+from pipeline.variants import VARIANT_SPECS
 
 TEXTURE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -76,14 +77,43 @@ def group_of(label: int, level: str) -> int:
     return to_in9(label) if level == "in9" else label
 
 
+def shown_path(path: str, config: BuildConfig) -> str:
+    """A file as rejection details name it: relative to the folder it was found in, never where data lives."""
+    for root in (config.images, config.textures, config.annotations):
+        if not root:
+            continue
+        for base, target in ((Path(root), Path(path)), (Path(root).resolve(), Path(path).resolve())):
+            try:
+                return target.relative_to(base).as_posix()
+            except ValueError:
+                continue
+    return Path(path).name
+
+
+def input_error(path: str, config: BuildConfig, exc: OSError) -> RejectedInput:
+    """An input file that cannot be read, as a typed rejection (no absolute path, no file content)."""
+    where = shown_path(path, config)
+    if isinstance(exc, FileNotFoundError):
+        return RejectedInput("missing_image", where)
+    return RejectedInput("undecodable_image", f"{where}: {exc.strerror or type(exc).__name__}")
+
+
+def read_input(path: str, config: BuildConfig) -> bytes:
+    """All bytes of an input image, mask or texture: regular files only (a FIFO never blocks a build)."""
+    try:
+        return read_regular(path)
+    except OSError as exc:
+        raise input_error(path, config, exc) from None
+
+
 def probe_record(record: SourceRecord, config: BuildConfig) -> Probe:
     """Header-only geometry: frame, framed boxes and selection filters, no pixel decode."""
     try:
-        with open(record.image, "rb") as fh:
-            img = open_image(fh)  # the header only: size and EXIF orientation
+        with open_regular(record.image) as fh:
+            img = open_image(fh, formats=SOURCE_FORMATS)  # the header only: size and EXIF orientation
             stored_size, orientation = img.size, exif_transpose_code(img)
-    except FileNotFoundError:
-        raise RejectedInput("missing_image", record.image) from None
+    except OSError as exc:
+        raise input_error(record.image, config, exc) from None
     geo = sample_geometry(
         record, stored_size, orientation, size=config.size, resize=config.resize, filters=filters_of(config)
     )
@@ -104,8 +134,6 @@ def probe_batch(records: list[SourceRecord], config: BuildConfig) -> list[Probe 
             out.append(probe_record(record, config))
         except RejectedInput as exc:
             out.append(Rejection(record.key, exc.reason, exc.detail, record.source))
-        except OSError as exc:
-            out.append(Rejection(record.key, "undecodable_image", str(exc), record.source))
     return out
 
 
@@ -177,6 +205,9 @@ def make_plan(
             probe = probes[item.key]
             if isinstance(probe, Rejection):
                 rejections.append(probe)
+            elif config.mask == "segm" and item.segmentation is None:
+                # known from the annotations: such an image can be neither a sample nor a partner
+                rejections.append(Rejection(item.key, "bad_segmentation", "no segmentation (--mask segm)", item.source))
             elif {"multiple_boxes", "box_cropped"} & set(probe.failures):
                 reason = "multiple_boxes" if "multiple_boxes" in probe.failures else "box_cropped"
                 rejections.append(Rejection(item.key, reason, ", ".join(probe.failures), item.source))
@@ -198,42 +229,28 @@ def make_plan(
     records.sort(key=lambda r: r.key)
 
     by_key = {r.key: r for r in records}
-    bg_pool = [r.key for r in records if probes[r.key].bg_ok]  # sorted by key
-    level = config.partner_level
-    pool_by_group: dict[int, list[str]] = {}
-    for k in bg_pool:
-        pool_by_group.setdefault(group_of(by_key[k].label, level), []).append(k)
-    groups_present = sorted({group_of(r.label, level) for r in records})
-    next_group = {g: groups_present[(i + 1) % len(groups_present)] for i, g in enumerate(groups_present)}
-    textures = list_textures(config) if "texture" in config.variants else []
+    pools = PartnerPools.of(records, probes, config.partner_level)
+    textures = list_textures(config) if any(VARIANT_SPECS[v].texture for v in config.variants) else []
 
     assignments: dict[str, dict[str, Assignment]] = {v: {} for v in config.variants}
     variant_rejections: dict[str, list[Rejection]] = {v: [] for v in config.variants}
     for variant in config.variants:
+        spec = VARIANT_SPECS[variant]
         for r in records:
             probe = probes[r.key]
-            if variant in BACKGROUND_ONLY_VARIANTS and not probe.bg_ok:
+            if spec.own_background and not probe.bg_ok:
                 reason = "box_too_large" if "box_too_large" in probe.failures else "no_background"
                 variant_rejections[variant].append(Rejection(r.key, reason, "background-only variant", r.source, variant))
-                continue
-            if variant in MIXED_VARIANTS:
-                group = group_of(r.label, level)
-                if variant == "mixed_rand":
-                    pool = bg_pool
-                elif variant == "mixed_same":
-                    pool = pool_by_group.get(group, [])
-                else:
-                    pool = [] if len(groups_present) < 2 else pool_by_group.get(next_group[group], [])
-                partner = draw_partner(pool, r.key, config.seed, variant)
+            elif spec.partner is not None:
+                partner = draw_partner(pools.pool(spec.partner, r.label), r.key, config.seed, variant)
                 if partner is None:
                     variant_rejections[variant].append(
                         Rejection(r.key, "no_partner", f"no background image for {variant}", r.source, variant)
                     )
-                    continue
-                assignments[variant][r.key] = Assignment(partner, by_key[partner].label)
-            elif variant == "texture":
-                pick = int(rng_for(config.seed, r.key, "texture").integers(len(textures)))
-                assignments[variant][r.key] = Assignment(texture=textures[pick])
+                else:
+                    assignments[variant][r.key] = Assignment(partner, by_key[partner].label)
+            elif spec.texture:
+                assignments[variant][r.key] = Assignment(texture=pick_texture(textures, config.seed, r.key))
     partners = {
         a.bg_key: by_key[a.bg_key] for per in assignments.values() for a in per.values() if a.bg_key is not None
     }
@@ -248,6 +265,42 @@ def make_plan(
         n_inputs=len(items),
         partners=partners,
     )
+
+
+@dataclass
+class PartnerPools:
+    """The background partners each mixed variant draws from: images whose own background is usable."""
+
+    any: list[str]  # sorted by key
+    by_group: dict[int, list[str]]
+    next_group: dict[int, int]
+    level: str
+
+    @classmethod
+    def of(cls, records: list[SourceRecord], probes: dict[str, Probe | Rejection], level: str) -> PartnerPools:
+        usable = [r for r in records if probes[r.key].bg_ok]  # type: ignore[union-attr]
+        by_group: dict[int, list[str]] = {}
+        for r in usable:
+            by_group.setdefault(group_of(r.label, level), []).append(r.key)
+        present = sorted({group_of(r.label, level) for r in records})
+        next_group = {g: present[(i + 1) % len(present)] for i, g in enumerate(present)} if len(present) > 1 else {}
+        return cls([r.key for r in usable], by_group, next_group, level)
+
+    def pool(self, kind: str, label: int) -> list[str]:
+        """``kind`` is a variant's ``partner`` (``pipeline.variants.PARTNER_POOLS``)."""
+        group = group_of(label, self.level)
+        if kind == "any":
+            return self.any
+        if kind == "same":
+            return self.by_group.get(group, [])
+        if kind == "next":
+            return self.by_group.get(self.next_group[group], []) if group in self.next_group else []
+        raise ValueError(f"unknown partner pool {kind!r}")
+
+
+def pick_texture(textures: list[str], seed: int, key: str) -> str:
+    """The texture a sample gets, from ``(seed, key)`` alone."""
+    return textures[int(rng_for(seed, key, "texture").integers(len(textures)))]
 
 
 def draw_partner(pool: list[str], key: str, seed: int, variant: str) -> str | None:
@@ -274,6 +327,8 @@ __all__ = [
     "make_plan",
     "probe_batch",
     "draw_partner",
+    "pick_texture",
+    "PartnerPools",
     "annotation_hash",
     "list_textures",
     "group_of",

@@ -1,40 +1,43 @@
 """Build one chunk of the plan into one shard per variant: the unit of parallel work.
 
-Each source image is decoded once however many variants are built. Tars are
-written with fixed metadata (mtime 0, uid/gid 0, no user names, members in
-plan order), to a temporary name that is renamed when complete, so the same
-plan gives byte-identical shards on any worker and a killed build leaves no
+Each source image is decoded once however many variants are built; every
+variant's pixels come from ``pipeline.variants.render_variant`` and every
+sample is written through ``pipeline.shard_format`` (webdataset.TarWriter with
+fixed metadata, to a temporary name renamed when complete), so the same plan
+gives byte-identical shards on any worker and a killed build leaves no
 partial file under a final name.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
-import tarfile
-from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from builders.config import BuildConfig
-from builders.plan import Assignment, texture_path
+from builders.plan import Assignment, filters_of, read_input, texture_path
 from pipeline import variants as V
 from pipeline.classes import to_in9
-from pipeline.decode import decode_rgb
-from pipeline.masks import SelectionFilters
+from pipeline.decode import TEXTURE_FORMATS, decode_rgb
+from pipeline.files import atomic_write_text
 from pipeline.prepare import PreparedSample, prepare_sample
 from pipeline.records import RejectedInput, Rejection, SourceRecord
 from pipeline.rng import rng_for
-from pipeline.shard_format import MIXED_VARIANTS, atomic_write_text, shard_name
+from pipeline.shard_format.spec import IMAGE_CODECS, sample_members, shard_name
+from pipeline.shard_format.writer import ShardFile
 from pipeline.textures import procedural_texture, texture_frame
 
-FILL_VARIANTS = ("only_fg", "only_bg_b", "no_fg")
 BUILD_DIR = ".build"  # per-shard completion records, used to resume
+
+
+class BuildAborted(RuntimeError):
+    """The build stopped under a worker (its main process was killed)."""
 
 
 @dataclass
@@ -44,7 +47,7 @@ class ShardResult:
     variant: str
     name: str
     sha256: str
-    bytes: int
+    nbytes: int
     count: int
     labels: dict[str, int]
     rejections: list[dict] = field(default_factory=list)
@@ -55,14 +58,13 @@ def encode_image(image: np.ndarray, fmt: str, quality: int) -> bytes:
     """Encode once with fixed codec settings (JPEG: 4:2:0, baseline, no optimisation passes)."""
     buf = io.BytesIO()
     pil = Image.fromarray(image)
-    if fmt == "jpg":
-        pil.save(buf, format="JPEG", quality=quality, subsampling=2, optimize=False, progressive=False)
-    elif fmt == "png":
-        pil.save(buf, format="PNG", compress_level=6)
-    elif fmt == "webp":
-        pil.save(buf, format="WEBP", quality=quality, method=4)
+    codec = IMAGE_CODECS[fmt]
+    if codec == "JPEG":
+        pil.save(buf, format=codec, quality=quality, subsampling=2, optimize=False, progressive=False)
+    elif codec == "PNG":
+        pil.save(buf, format=codec, compress_level=6)
     else:
-        raise ValueError(fmt)
+        pil.save(buf, format=codec, quality=quality, method=4)
     return buf.getvalue()
 
 
@@ -72,12 +74,10 @@ def encode_mask(mask: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def sample_json(
-    sample: PreparedSample, variant: str, config: BuildConfig, assignment: Assignment | None
-) -> bytes:
-    """The provenance record of one sample (sorted keys, fixed float rounding: bytes are stable)."""
+def sample_meta(sample: PreparedSample, variant: str, config: BuildConfig, assignment: Assignment | None) -> dict:
+    """The provenance record of one sample (rounded floats: the bytes are stable)."""
     rec = sample.record
-    meta = {
+    return {
         "key": rec.key,
         "variant": variant,
         "label": rec.label,
@@ -91,81 +91,12 @@ def sample_json(
         "fg_area": round(V.fg_area(sample.fg_mask), 6),
         "bbox": [round(v, 3) for v in sample.bbox],
         "frame": sample.frame.to_json(),
-        "fill": config.fill if variant in FILL_VARIANTS else None,
+        "fill": config.fill if V.VARIANT_SPECS[variant].fill else None,
         "seed": config.seed,
     }
-    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
 
 
-class TarWriter:
-    """A tar with deterministic headers, written to ``<final>.tmp`` and renamed on close."""
-
-    def __init__(self, final: Path) -> None:
-        self.final = final
-        self.tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        self.fh = open(self.tmp, "wb")
-        self.tar = tarfile.open(fileobj=self.fh, mode="w", format=tarfile.USTAR_FORMAT)
-
-    def add(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mtime = 0
-        info.mode = 0o644
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        try:
-            self.tar.addfile(info, io.BytesIO(data))
-        except OSError as exc:
-            raise self._naming(exc) from None
-
-    def close(self) -> tuple[str, int]:
-        try:
-            self.tar.close()
-            self.fh.flush()
-            os.fsync(self.fh.fileno())
-            self.fh.close()
-            digest = file_sha256(self.tmp)
-            size = self.tmp.stat().st_size
-            os.replace(self.tmp, self.final)
-        except OSError as exc:
-            self.abort()
-            raise self._naming(exc) from None
-        return digest, size
-
-    def abort(self) -> None:
-        """Drop the partial file; closing it may fail again (a full disk) and must not hide the first error."""
-        try:
-            self.fh.close()
-        except OSError:
-            pass
-        self.tmp.unlink(missing_ok=True)
-
-    def _naming(self, exc: OSError) -> OSError:
-        """A write error (ENOSPC has no file name) that says which shard could not be written."""
-        if exc.errno is None:
-            return exc
-        return OSError(exc.errno, exc.strerror or str(exc), str(self.final))
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def read_bytes(path: str) -> bytes:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read()
-    except FileNotFoundError:
-        raise RejectedInput("missing_image", path) from None
-    except OSError as exc:
-        raise RejectedInput("undecodable_image", f"{path}: {exc}") from None
-
-
-class _Backgrounds:
+class ChunkSources:
     """Every source of a chunk decoded once, whether it is needed as a sample, a partner, or both.
 
     Mixed variants need the partner's ``only_bg_t`` background. A partner
@@ -181,8 +112,7 @@ class _Backgrounds:
     def __init__(self, config: BuildConfig, prepare, records: list[SourceRecord] = (), uses=None) -> None:
         self.config = config
         self.prepare = prepare
-        self.cache: OrderedDict[str, np.ndarray | RejectedInput] = OrderedDict()
-        self.procedural: dict[str, np.ndarray] = {}
+        self.textures: dict[str, np.ndarray] = {}
         self.pending = {r.key for r in records}  # chunk records whose own turn has not come
         self.uses: Counter[str] = Counter(uses or {})  # partner key -> renders still to come
         self.early: dict[str, PreparedSample | RejectedInput] = {}
@@ -228,54 +158,28 @@ class _Backgrounds:
             raise RejectedInput("no_partner", f"background {record.key} unusable: {value}")
         return value
 
-    def texture(self, name: str, rng: np.random.Generator) -> np.ndarray:
+    def texture(self, name: str, key: str) -> np.ndarray:
+        """The texture ``name`` framed for sample ``key`` (its crop drawn from ``(seed, key)``)."""
         size = self.config.size
-        if name.startswith("procedural:"):
-            # a handful of fixed images: generate each once per chunk, not once per sample
-            key = "proc:" + name
-            if key not in self.procedural:
-                self.procedural[key] = procedural_texture(int(name.split(":")[1]), size)
-            return self.procedural[key]
-        key = "tex:" + name
-        if key not in self.cache:
-            arr, _, _, _ = decode_rgb(read_bytes(texture_path(self.config, name)), draft_min_side=size)
-            self.cache[key] = arr
-            self._trim()
-        return texture_frame(self.cache[key], size, rng)
+        if name not in self.textures:
+            # a handful of images: decode or generate each once per chunk, not once per sample
+            if name.startswith("procedural:"):
+                self.textures[name] = procedural_texture(int(name.split(":")[1]), size)
+            else:
+                data = read_input(texture_path(self.config, name), self.config)
+                arr, _, _, _ = decode_rgb(data, draft_min_side=size, formats=TEXTURE_FORMATS)
+                self.textures[name] = arr
+        return texture_frame(self.textures[name], size, rng_for(self.config.seed, key, "texture_crop"))
 
-    def _trim(self, limit: int = 256) -> None:
-        while len(self.cache) > limit:
-            self.cache.popitem(last=False)
-
-
-def render_variant(
-    variant: str,
-    sample: PreparedSample,
-    config: BuildConfig,
-    assignment: Assignment | None,
-    partners: dict[str, SourceRecord],
-    backgrounds: _Backgrounds,
-) -> np.ndarray:
-    """One variant's pixels for a prepared sample."""
-    image, key = sample.image, sample.record.key
-    if variant == "original":
-        return image
-    if variant in FILL_VARIANTS:
-        fill = V.make_fill(config.fill, image, rng_for(config.seed, key, f"fill:{variant}"))
-        if variant == "only_fg":
-            return V.only_fg(image, sample.fg_mask, fill)
-        if variant == "only_bg_b":
-            return V.only_bg_b(image, sample.box_mask, fill)
-        return V.no_fg(image, sample.fg_mask, fill)
-    if variant == "only_bg_t":
-        return V.only_bg_t(image, sample.box_mask)
-    if variant in MIXED_VARIANTS:
-        background = backgrounds.partner(partners[assignment.bg_key])
-        return V.composite(image, sample.fg_mask, background)
-    if variant == "texture":
-        tex = backgrounds.texture(assignment.texture, rng_for(config.seed, key, "texture_crop"))
-        return V.composite(image, sample.fg_mask, tex)
-    raise ValueError(variant)
+    def background(self, variant: str, assignment: Assignment | None, partners: dict[str, SourceRecord],
+                   key: str) -> np.ndarray | None:
+        """The background a variant composites onto: a partner's only_bg_t, a texture, or none."""
+        spec = V.VARIANT_SPECS[variant]
+        if spec.partner is not None:
+            return self.partner(partners[assignment.bg_key])  # type: ignore[union-attr,index]
+        if spec.texture:
+            return self.texture(assignment.texture, key)  # type: ignore[union-attr,arg-type]
+        return None
 
 
 def build_chunk(
@@ -287,23 +191,27 @@ def build_chunk(
     dropped: dict[str, set[str]],
     partners: dict[str, SourceRecord],
     completion_hashes: dict[str, str] | None = None,
+    main_pid: int | None = None,
 ) -> list[ShardResult]:
     """Build shard ``index`` of every requested variant from the chunk's records.
 
     ``completion_hashes`` (variant -> hash of this chunk's plan) is what the
     completion record stores, so a resumed build can tell whether the shard
     was made from the same plan; without it the variant's config hash is used.
+    ``main_pid``: the build's main process; a local worker stops as soon as it is gone.
     """
     out = Path(config.out)
-    filters = SelectionFilters(config.exactly_one_box, config.max_box_fraction, config.max_box_cropped)
+    filters = filters_of(config)
+    # a local worker of this build (not the main process, not a Dask node) watches its parent
+    watch_parent = main_pid is not None and os.getppid() == main_pid
 
     def prepare(record: SourceRecord) -> PreparedSample:
         mask_bytes = None
         if config.mask == "segm" and record.segmentation is not None and record.segmentation.kind == "png":
-            mask_bytes = read_bytes(record.segmentation.data)
+            mask_bytes = read_input(record.segmentation.data, config)
         return prepare_sample(
             record,
-            read_bytes(record.image),
+            read_input(record.image, config),
             size=config.size,
             resize=config.resize,
             mask_source=config.mask,
@@ -319,8 +227,8 @@ def build_chunk(
         for r in records
         if r.key not in dropped.get(v, ()) and (a := assignments.get(v, {}).get(r.key)) is not None and a.bg_key
     )
-    backgrounds = _Backgrounds(config, prepare, records, uses)
-    writers = {}
+    sources = ChunkSources(config, prepare, records, uses)
+    writers: dict[str, ShardFile] = {}
     results = {
         v: ShardResult(v, shard_name(v, index), "", 0, 0, {}, [], (completion_hashes or {}).get(v) or config.variant_hash(v))
         for v in variants
@@ -328,13 +236,15 @@ def build_chunk(
     try:
         for v in variants:
             (out / v).mkdir(parents=True, exist_ok=True)
-            writers[v] = TarWriter(out / v / shard_name(v, index))
+            writers[v] = ShardFile(out / v / shard_name(v, index))
         for record in records:
+            if watch_parent and os.getppid() != main_pid:
+                raise BuildAborted("the build's main process is gone: this worker stops too")
             wanted = [v for v in variants if record.key not in dropped.get(v, ())]
             if not wanted:
                 continue
             try:
-                sample = backgrounds.sample(record)
+                sample = sources.sample(record)
             except RejectedInput as exc:
                 for v in wanted:
                     results[v].rejections.append(Rejection(record.key, exc.reason, exc.detail, record.source).to_json())
@@ -343,23 +253,23 @@ def build_chunk(
             for v in wanted:
                 assignment = assignments.get(v, {}).get(record.key)
                 try:
-                    pixels = render_variant(v, sample, config, assignment, partners, backgrounds)
+                    background = sources.background(v, assignment, partners, record.key)
+                    pixels = V.render_variant(v, sample.image, sample.fg_mask, sample.box_mask, fill=config.fill,
+                                              seed=config.seed, key=record.key, background=background)
                 except RejectedInput as exc:
                     results[v].rejections.append(
                         Rejection(record.key, exc.reason, exc.detail, record.source, v).to_json()
                     )
                     continue
-                writer = writers[v]
-                writer.add(f"{record.key}.{config.format}", encode_image(pixels, config.format, config.quality))
-                writer.add(f"{record.key}.cls", str(record.label).encode())
-                writer.add(f"{record.key}.json", sample_json(sample, v, config, assignment))
-                if mask_png is not None:
-                    writer.add(f"{record.key}.mask.png", mask_png)
+                writers[v].write(sample_members(
+                    record.key, encode_image(pixels, config.format, config.quality), config.format,
+                    record.label, sample_meta(sample, v, config, assignment), mask_png,
+                ))
                 res = results[v]
                 res.count += 1
                 res.labels[str(record.label)] = res.labels.get(str(record.label), 0) + 1
         for v in variants:
-            results[v].sha256, results[v].bytes = writers.pop(v).close()
+            results[v].sha256, results[v].nbytes = writers.pop(v).close()
             write_completion(out / v, results[v])
     finally:
         for w in writers.values():
@@ -373,7 +283,17 @@ def completion_path(variant_dir: Path, name: str) -> Path:
 
 def write_completion(variant_dir: Path, result: ShardResult) -> None:
     """Record a finished shard (atomically) so that a rerun can skip it."""
-    atomic_write_text(completion_path(variant_dir, result.name), json.dumps(result.__dict__, sort_keys=True))
+    atomic_write_text(completion_path(variant_dir, result.name), json.dumps(asdict(result), sort_keys=True))
+
+
+def file_sha256(path: str | Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_completion(variant_dir: Path, name: str, config_hash: str) -> ShardResult | None:
@@ -382,10 +302,11 @@ def read_completion(variant_dir: Path, name: str, config_hash: str) -> ShardResu
     shard = variant_dir / name
     try:
         row = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        result = ShardResult(**row)
+    except (OSError, ValueError, TypeError):
         return None
-    if row.get("config_hash") != config_hash or not shard.exists():
+    if result.config_hash != config_hash or not shard.is_file():
         return None
-    if shard.stat().st_size != row["bytes"] or file_sha256(shard) != row["sha256"]:
+    if shard.stat().st_size != result.nbytes or file_sha256(shard) != result.sha256:
         return None
-    return ShardResult(**row)
+    return result

@@ -1,58 +1,50 @@
 """``python -m builders.verify``: check built shards against their manifests, byte for byte.
 
 A collaborator who receives shards (a folder, or a URL of a manifest) can
-confirm that every shard is the one that was built (sha256 and size), that
-the samples inside follow the shard format (one image, a label and a
-provenance record per key, keys unique across the variant), and that the
-manifest's totals add up. ``--deep`` also decodes every image and checks it
-has the frame size the manifest's config says.
+confirm that every shard is the one that was built (sha256 and size), that the
+samples inside follow the shard format (one image, a label and a provenance
+record per key, keys unique across the variant, a mask when the build made
+masks), and that the manifest's totals, ``rejected.jsonl`` and ``_info.json``
+add up. ``--deep`` also decodes every image and mask and checks the frame size.
 
-A manifest fetched from elsewhere is data, not a program: shard names must be
-plain file names next to the manifest, so a manifest can never make us open a
-``pipe:`` command, an absolute path or another host.
+The verifier reads shards through the same stages as the evaluator
+(``pipeline.shard_format.reader``); it only collects every problem instead of
+stopping at the first. A manifest is data, not a program: shard names must be
+plain file names next to it, so it can never make us open a ``pipe:`` command,
+an absolute path, a symlink or another host.
 """
 
 from __future__ import annotations
 
-import argparse
-import io
+import hashlib
 import json
 import sys
-import tarfile
-import urllib.error
 import urllib.parse
-import urllib.request
-import warnings
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
 
 from tqdm import tqdm
 
-from pipeline.shard_format import (
-    FORMAT_VERSION,
-    HTTP_TIMEOUT_S,
-    IMAGE_EXTENSIONS,
-    LABEL_EXTENSION,
+from pipeline.decode import SHARD_FORMATS, open_image
+from pipeline.records import RejectedInput
+from pipeline.shard_format.errors import ShardSpecError, StreamError
+from pipeline.shard_format.locate import ShardRef, sibling
+from pipeline.shard_format.manifest import Manifest, timm_info
+from pipeline.shard_format.reader import ShardSample, ShardTally, read_shard
+from pipeline.shard_format.spec import (
     MANIFEST_NAME,
     MASK_EXTENSION,
-    MAX_MEMBER_BYTES,
-    META_EXTENSION,
-    META_FIELDS,
-    READABLE_EXTENSIONS,
-    REJECTED_NAME,
-    HashingReader,
-    is_remote,
-    plain_name_problem,
+    MAX_MANIFEST_BYTES,
+    TIMM_INFO_NAME,
 )
+from pipeline.shard_format.transport import DEFAULT_POLICY, TransferPolicy, is_pipe, is_remote, read_all
 
-# Decompression-bomb guard for --deep: refuse to decode images far larger than any frame we write.
-MAX_DECODE_PIXELS = 1 << 26
+# A damaged or hostile shard can hold any number of bad samples: report this many per shard, then count.
+MAX_PROBLEMS_PER_SHARD = 20
 
 
 class VerifyError(ValueError):
-    """The input cannot be verified at all (bad argument, unreachable); exit code 2."""
+    """The input cannot be verified at all (bad argument, unreachable, unreadable manifest); exit code 2."""
 
 
 @dataclass
@@ -70,6 +62,28 @@ class VerifyReport:
         self.ok = False
 
 
+class _ShardProblems:
+    """The verifier's problem sink for one shard: every problem, up to a bound, then a count."""
+
+    def __init__(self, report: VerifyReport, prefix: str) -> None:
+        self.report, self.prefix, self.count = report, prefix, 0
+
+    def _add(self, message: str) -> None:
+        self.count += 1
+        if self.count <= MAX_PROBLEMS_PER_SHARD:
+            self.report.add(f"{self.prefix}: {message}")
+
+    def sample(self, key: str, message: str, variant: str | None) -> None:
+        self._add(f"{key}: {message}" if key else message)
+
+    def shard(self, message: str) -> None:
+        self._add(message)
+
+    def close(self) -> None:
+        if self.count > MAX_PROBLEMS_PER_SHARD:
+            self.report.add(f"{self.prefix}: ... and {self.count - MAX_PROBLEMS_PER_SHARD} more problem(s)")
+
+
 # --------------------------------------------------------------------------- locating manifests
 
 
@@ -79,7 +93,7 @@ def find_manifests(path_or_url: str) -> list[str]:
         if urllib.parse.urlparse(path_or_url).path.endswith(".json"):
             return [path_or_url]
         return [path_or_url.rstrip("/") + "/" + MANIFEST_NAME]  # a URL of a variant folder
-    if "://" in path_or_url or path_or_url.startswith("pipe:"):
+    if "://" in path_or_url or is_pipe(path_or_url):
         raise VerifyError(f"{path_or_url}: only local paths and http(s):// URLs can be verified")
     path = Path(path_or_url)
     if path.is_file():
@@ -94,290 +108,119 @@ def find_manifests(path_or_url: str) -> list[str]:
     raise VerifyError(f"{path}: no such file or folder")
 
 
-def _open(location: str) -> IO[bytes]:
-    if is_remote(location):
-        return urllib.request.urlopen(location, timeout=HTTP_TIMEOUT_S)
-    return open(location, "rb")
-
-
-def _read_manifest(location: str) -> dict[str, Any]:
+def _read_beside(location: str, name: str, policy: TransferPolicy) -> bytes | None:
+    """A small file next to the manifest, or None when it is missing."""
     try:
-        with _open(location) as fh:
-            raw = fh.read()
-    except urllib.error.HTTPError as exc:
-        raise VerifyError(f"cannot fetch {location}: HTTP {exc.code}") from None
-    except urllib.error.URLError as exc:
-        raise VerifyError(f"cannot fetch {location}: {exc.reason}") from None
-    except OSError as exc:
-        raise VerifyError(f"cannot read {location}: {exc.strerror or exc}") from None
-    try:
-        manifest = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise VerifyError(f"{location}: not a JSON manifest ({exc})") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
-        raise VerifyError(f"{location}: not a shard manifest (no 'shards' list)")
-    return manifest
-
-
-def _sibling(location: str, name: str) -> str:
-    """A file next to the manifest; ``name`` has already been checked to be a plain file name."""
-    if is_remote(location):
-        return location.rsplit("/", 1)[0] + "/" + urllib.parse.quote(name)
-    return str(Path(location).parent / name)
-
-
-# --------------------------------------------------------------------------- reading one shard
-
-
-@dataclass
-class _Sample:
-    key: str
-    members: dict[str, bytes | None] = field(default_factory=dict)  # extension -> data (None: not read)
-    duplicates: list[str] = field(default_factory=list)
-
-
-def _split_member(name: str) -> tuple[str, str]:
-    """``key.ext`` -> (key, ext); keys contain no dot, so the first dot splits."""
-    key, _, ext = name.partition(".")
-    return key, ext
-
-
-def _iter_samples(tar: tarfile.TarFile, shard: str, report: VerifyReport) -> Iterator[_Sample]:
-    """Group consecutive members by key, the way WebDataset does."""
-    current: _Sample | None = None
-    for member in tar:
-        if not member.isfile():
-            report.add(f"{shard}: member {member.name!r} is not a regular file")
-            continue
-        if "/" in member.name:
-            report.add(f"{shard}: member {member.name!r} is in a subfolder")
-        key, ext = _split_member(member.name.rsplit("/", 1)[-1])
-        if member.size > MAX_MEMBER_BYTES:
-            report.add(f"{shard}: member {member.name!r} is {member.size} bytes, not read")
-            data = None
-        else:
-            fh = tar.extractfile(member)
-            data = fh.read() if fh is not None else b""
-        if current is None or current.key != key:
-            if current is not None:
-                yield current
-            current = _Sample(key)
-        if ext in current.members:
-            current.duplicates.append(ext)
-        current.members[ext] = data
-    if current is not None:
-        yield current
-
-
-def _decode_problem(data: bytes, size: int | None, what: str) -> str | None:
-    """Decode fully (with a bomb guard) and compare to the frame size; None when fine."""
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                w, h = img.size
-                if w * h > MAX_DECODE_PIXELS:
-                    return f"{what} claims {w}x{h} pixels, refusing to decode"
-                img.load()
-    except Exception as exc:  # any decoder failure is a finding about the shard, not a crash
-        return f"{what} does not decode ({type(exc).__name__}: {exc})"
-    if size is not None and (w, h) != (size, size):
-        return f"{what} is {w}x{h}, config size is {size}x{size}"
-    return None
-
-
-def check_sample(
-    sample: _Sample, variant: str | None, config: dict[str, Any], deep: bool
-) -> tuple[list[str], int | None]:
-    """Problems with one sample's members, and its label (None when unreadable)."""
-    problems: list[str] = []
-    key, members = sample.key, sample.members
-    if not key or "." in key:
-        problems.append(f"bad key {key!r}")
-    for ext in sample.duplicates:
-        problems.append(f"{key}: member .{ext} appears twice")
-    images = [e for e in members if e in IMAGE_EXTENSIONS]
-    if len(images) != 1:
-        problems.append(f"{key}: {len(images)} image members (expected exactly one of .jpg/.png/.webp)")
-    elif config.get("format") and images[0] != config["format"]:
-        problems.append(f"{key}: image is .{images[0]}, config format is {config['format']}")
-    unknown = sorted(set(members) - READABLE_EXTENSIONS)
-    if unknown:
-        problems.append(f"{key}: unexpected member(s) {', '.join('.' + e for e in unknown)}")
-    with_masks = bool(config.get("with_masks"))
-    if with_masks and MASK_EXTENSION not in members:
-        problems.append(f"{key}: no .{MASK_EXTENSION} although the config says with_masks")
-    if not with_masks and MASK_EXTENSION in members:
-        problems.append(f"{key}: .{MASK_EXTENSION} present although the config says no masks")
-
-    label: int | None = None
-    if LABEL_EXTENSION not in members:
-        problems.append(f"{key}: no .{LABEL_EXTENSION}")
-    elif members[LABEL_EXTENSION] is not None:
-        try:
-            label = int(members[LABEL_EXTENSION].decode("ascii").strip())
-        except (UnicodeDecodeError, ValueError):
-            problems.append(f"{key}: .{LABEL_EXTENSION} is not an integer: {members[LABEL_EXTENSION][:32]!r}")
-    if META_EXTENSION not in members:
-        problems.append(f"{key}: no .{META_EXTENSION}")
-    elif members[META_EXTENSION] is not None:
-        try:
-            meta = json.loads(members[META_EXTENSION].decode("utf-8"))
-            if not isinstance(meta, dict):
-                raise ValueError("not an object")
-        except (UnicodeDecodeError, ValueError) as exc:
-            problems.append(f"{key}: .{META_EXTENSION} is not a JSON object ({exc})")
-        else:
-            missing = [f for f in META_FIELDS if f not in meta]
-            if missing:
-                problems.append(f"{key}: .{META_EXTENSION} lacks {', '.join(missing)}")
-            if meta.get("key") != key:
-                problems.append(f"{key}: .{META_EXTENSION} key is {meta.get('key')!r}")
-            if variant is not None and meta.get("variant") != variant:
-                problems.append(f"{key}: .{META_EXTENSION} variant is {meta.get('variant')!r}, manifest is {variant!r}")
-            if label is not None and meta.get("label") != label:
-                problems.append(f"{key}: .{LABEL_EXTENSION} says {label}, .{META_EXTENSION} label is {meta.get('label')!r}")
-    if deep:
-        size = config.get("size") if isinstance(config.get("size"), int) else None
-        for ext in images[:1] + ([MASK_EXTENSION] if MASK_EXTENSION in members else []):
-            data = members[ext]
-            if data is not None:
-                problem = _decode_problem(data, size, f"{key}.{ext}")
-                if problem:
-                    problems.append(problem)
-    return problems, label
-
-
-def verify_shard(
-    url: str,
-    entry: dict[str, Any],
-    variant: str | None,
-    config: dict[str, Any],
-    seen_keys: dict[str, str],
-    labels: dict[str, int],
-    report: VerifyReport,
-    deep: bool,
-) -> None:
-    """Read one shard once, streaming: hash, size, members; problems go to ``report``."""
-    name = entry["name"]
-    shard = f"{variant}/{name}" if variant else name
-    try:
-        raw = _open(url)
-    except urllib.error.HTTPError as exc:
-        report.add(f"{shard}: missing (HTTP {exc.code})")
-        return
-    except FileNotFoundError:
-        report.add(f"{shard}: missing")
-        return
-    except (OSError, urllib.error.URLError) as exc:
-        report.add(f"{shard}: cannot open ({exc})")
-        return
-    reader = HashingReader(raw)
-    count = 0
-    try:
-        try:
-            with tarfile.open(fileobj=reader, mode="r|") as tar:
-                for sample in _iter_samples(tar, shard, report):
-                    count += 1
-                    if sample.key in seen_keys:
-                        report.add(f"{shard}: key {sample.key} already in {seen_keys[sample.key]}")
-                    else:
-                        seen_keys[sample.key] = name
-                    problems, label = check_sample(sample, variant, config, deep)
-                    for p in problems:
-                        report.add(f"{shard}: {p}")
-                    if label is not None:
-                        labels[str(label)] = labels.get(str(label), 0) + 1
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            report.add(f"{shard}: not a readable tar ({type(exc).__name__}: {exc})")
-        reader.drain()
-    except OSError as exc:
-        report.add(f"{shard}: read failed ({exc})")
-    finally:
-        raw.close()
-    report.shards += 1
-    report.samples += count
-    if entry.get("bytes") is not None and reader.nbytes != entry["bytes"]:
-        report.add(f"{shard}: {reader.nbytes} bytes, manifest says {entry['bytes']}")
-    digest = reader.sha256.hexdigest()
-    if str(entry.get("sha256", "")).lower() != digest:
-        report.add(f"{shard}: sha256 {digest[:16]}..., manifest says {str(entry.get('sha256'))[:16]}...")
-    if entry.get("count") is not None and count != entry["count"]:
-        report.add(f"{shard}: {count} samples, manifest says {entry['count']}")
+        return read_all(sibling(location, name), name, MAX_MANIFEST_BYTES, listed=True, policy=policy)
+    except StreamError as exc:
+        if exc.message.startswith("missing"):
+            return None
+        raise VerifyError(f"cannot read {name} beside {location}: {exc.message}") from None
 
 
 # --------------------------------------------------------------------------- one manifest
 
 
-def check_totals(manifest: dict[str, Any], prefix: str) -> list[str]:
-    """The manifest's own arithmetic: shard counts vs totals, accepted + rejected vs inputs."""
-    problems: list[str] = []
-    shards = [e for e in manifest["shards"] if isinstance(e, dict)]
-    totals = manifest.get("totals")
-    if not isinstance(totals, dict):
-        return [f"{prefix}: manifest has no totals"]
-    counts = [e.get("count") for e in shards]
-    if all(isinstance(c, int) for c in counts) and sum(counts) != totals.get("samples"):
-        problems.append(f"{prefix}: shard counts sum to {sum(counts)}, totals.samples is {totals.get('samples')}")
-    if totals.get("shards") is not None and totals["shards"] != len(manifest["shards"]):
-        problems.append(f"{prefix}: {len(manifest['shards'])} shards listed, totals.shards is {totals['shards']}")
-    sizes = [e.get("bytes") for e in shards]
-    if totals.get("bytes") is not None and all(isinstance(b, int) for b in sizes) and sum(sizes) != totals["bytes"]:
-        problems.append(f"{prefix}: shard bytes sum to {sum(sizes)}, totals.bytes is {totals['bytes']}")
-    samples, rejected, inputs = totals.get("samples"), totals.get("rejected"), totals.get("inputs")
-    if all(isinstance(v, int) for v in (samples, rejected, inputs)) and samples + rejected != inputs:
-        problems.append(f"{prefix}: {samples} samples + {rejected} rejected != {inputs} inputs")
-    if isinstance(manifest.get("rejected"), list) and isinstance(rejected, int) and len(manifest["rejected"]) != rejected:
-        problems.append(f"{prefix}: {len(manifest['rejected'])} rejected entries, totals.rejected is {rejected}")
-    histogram = manifest.get("class_histogram")
-    if isinstance(histogram, dict) and isinstance(samples, int) and sum(histogram.values()) != samples:
-        problems.append(f"{prefix}: class_histogram sums to {sum(histogram.values())}, totals.samples is {samples}")
+def _deep_problems(sample: ShardSample, size: int | None) -> list[str]:
+    """Decode the image and mask fully (formats and pixel bound of the shard format)."""
+    problems = []
+    for ext in (sample.image_extension, MASK_EXTENSION):
+        data = sample.members.get(ext)
+        if data is None:
+            continue
+        try:
+            with open_image(data, formats=SHARD_FORMATS) as image:
+                image.load()
+                width, height = image.size
+        except RejectedInput as exc:
+            problems.append(f"{sample.key}.{ext} does not decode ({exc.reason}: {exc.detail})")
+            continue
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is a finding about the shard
+            problems.append(f"{sample.key}.{ext} does not decode ({type(exc).__name__})")
+            continue
+        if size is not None and (width, height) != (size, size):
+            problems.append(f"{sample.key}.{ext} is {width}x{height}, config size is {size}x{size}")
     return problems
 
 
-def verify_manifest(location: str, report: VerifyReport, deep: bool = False, progress: bool = False) -> None:
-    """Verify one manifest and every shard it lists; problems go to ``report``."""
-    manifest = _read_manifest(location)
-    report.manifests.append(location)
-    variant = manifest.get("variant") if isinstance(manifest.get("variant"), str) else None
-    prefix = variant or location
-    config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
-    if manifest.get("format_version") != FORMAT_VERSION:
-        report.add(f"{prefix}: format_version {manifest.get('format_version')!r}, this verifier knows {FORMAT_VERSION}")
-    for problem in check_totals(manifest, prefix):
-        report.add(problem)
-    shard_problems_before = len(report.problems)
+def _check_side_files(location: str, manifest: Manifest, report: VerifyReport, policy: TransferPolicy) -> None:
+    """rejected.jsonl (hash and count) and _info.json (timm's split description) against the manifest."""
+    v = manifest.variant
+    if manifest.rejected is not None:
+        raw = _read_beside(location, manifest.rejected.name, policy)
+        if raw is None:
+            report.add(f"{v}: {manifest.rejected.name} is missing")
+        else:
+            if hashlib.sha256(raw).hexdigest() != manifest.rejected.sha256:
+                report.add(f"{v}: {manifest.rejected.name} sha256 does not match the manifest")
+            lines = sum(1 for line in raw.splitlines() if line.strip())
+            if lines != manifest.rejected.count:
+                report.add(f"{v}: {manifest.rejected.name} has {lines} lines, the manifest says {manifest.rejected.count}")
+    raw = _read_beside(location, TIMM_INFO_NAME, policy)
+    if raw is None:
+        report.add(f"{v}: {TIMM_INFO_NAME} is missing")
+        return
+    try:
+        info = json.loads(raw)
+        split = info["splits"][v]
+        expected = timm_info(manifest, [0] * len(manifest.shards))["splits"][v]
+        for name in ("num_samples", "filenames", "shard_lengths"):
+            if split.get(name) != expected[name]:
+                report.add(f"{v}: {TIMM_INFO_NAME} splits.{v}.{name} disagrees with the manifest")
+    except (ValueError, KeyError, TypeError):
+        report.add(f"{v}: {TIMM_INFO_NAME} has no split {v!r}")
 
-    seen_names: set[str] = set()
+
+def verify_manifest(
+    location: str, report: VerifyReport, deep: bool = False, progress: bool = False,
+    policy: TransferPolicy = DEFAULT_POLICY,
+) -> None:
+    """Verify one manifest and every shard it lists; problems go to ``report``."""
+    try:
+        raw = read_all(location, location, MAX_MANIFEST_BYTES, policy=policy)
+    except StreamError as exc:
+        raise VerifyError(f"cannot read {location}: {exc.message}") from None
+    try:
+        manifest, refused = Manifest.read_lenient(raw, location)
+    except ShardSpecError as exc:
+        raise VerifyError(str(exc)) from None
+    report.manifests.append(location)
+    variant = manifest.variant
+    for problem in refused + manifest.arithmetic_problems():
+        report.add(f"{variant}: {problem}")
+    size = manifest.config.get("size") if isinstance(manifest.config.get("size"), int) else None
     seen_keys: dict[str, str] = {}
     labels: dict[str, int] = {}
-    for entry in tqdm(manifest["shards"], desc=prefix, unit="shard", disable=not progress, dynamic_ncols=True):
-        name = entry.get("name") if isinstance(entry, dict) else entry
-        refused = plain_name_problem(name)
-        if refused:
-            report.add(f"{prefix}: {refused}")
-            continue
-        if name in seen_names:
-            report.add(f"{prefix}: shard {name} listed twice")
-            continue
-        seen_names.add(name)
-        verify_shard(_sibling(location, name), entry, variant, config, seen_keys, labels, report, deep)
+    problems_before = len(report.problems)
+    for entry in tqdm(manifest.shards, desc=variant, unit="shard", disable=not progress, dynamic_ncols=True):
+        ref = ShardRef(sibling(location, entry.name), entry.name, entry.sha256, entry.count, variant, entry.nbytes,
+                       listed=True)
+        sink = _ShardProblems(report, f"{variant}/{entry.name}")
+        tally = ShardTally(entry.name)
+        for sample in read_shard(ref, sink, build_config=manifest.config, tally=tally, policy=policy):
+            if sample.key in seen_keys:
+                sink.sample(sample.key, f"already in {seen_keys[sample.key]}", variant)
+            else:
+                seen_keys[sample.key] = entry.name
+            labels[str(sample.label)] = labels.get(str(sample.label), 0) + 1
+            for problem in _deep_problems(sample, size) if deep else ():
+                sink.sample("", problem, variant)
+        if tally.refused_count:
+            shown = ", ".join(sorted({n.partition(".")[2] or n for n in tally.refused}))
+            sink.shard(f"{tally.refused_count} unexpected member(s) ({shown}), not read")
+        if entry.sha256 is None or entry.nbytes is None:
+            sink.shard("the manifest lists no sha256/bytes for it: its bytes cannot be verified")
+        sink.close()
+        report.shards += 1
+        report.samples += tally.samples
+    histogram = manifest.class_histogram
+    if histogram is not None and {k: v for k, v in histogram.items() if v} != labels and len(report.problems) == problems_before:
+        report.add(f"{variant}: labels in the shards do not match class_histogram")
+    _check_side_files(location, manifest, report, policy)
 
-    histogram = manifest.get("class_histogram")
-    if isinstance(histogram, dict) and {k: v for k, v in histogram.items() if v} != labels and len(report.problems) == shard_problems_before:
-        report.add(f"{prefix}: labels in the shards do not match class_histogram")
-    if not is_remote(location):
-        rejected_file = Path(location).parent / REJECTED_NAME
-        totals = manifest.get("totals") or {}
-        if rejected_file.is_file() and isinstance(totals.get("rejected"), int):
-            lines = [ln for ln in rejected_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
-            if len(lines) != totals["rejected"]:
-                report.add(f"{prefix}: {REJECTED_NAME} has {len(lines)} lines, totals.rejected is {totals['rejected']}")
 
-
-def verify(path_or_url: str | Path, deep: bool = False, progress: bool = False) -> VerifyReport:
+def verify(path_or_url: str | Path, deep: bool = False, progress: bool = False,
+           policy: TransferPolicy = DEFAULT_POLICY) -> VerifyReport:
     """Verify a variant folder, a manifest (path or http(s) URL), or an output root of variant folders.
 
     Raises :class:`VerifyError` when the input cannot be read at all; every
@@ -385,7 +228,7 @@ def verify(path_or_url: str | Path, deep: bool = False, progress: bool = False) 
     """
     report = VerifyReport()
     for location in find_manifests(str(path_or_url)):
-        verify_manifest(location, report, deep=deep, progress=progress)
+        verify_manifest(location, report, deep=deep, progress=progress, policy=policy)
     return report
 
 
@@ -393,19 +236,24 @@ def verify(path_or_url: str | Path, deep: bool = False, progress: bool = False) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    from pipeline.cli import OneLineParser
+
+    p = OneLineParser(
         prog="python -m builders.verify",
         description="Check shards against their manifest: sha256, size, sample count, unique keys, and that "
-        "every sample has its image, .cls and .json (and .mask.png when built with masks). "
-        "Exit 0 when all is well, 1 on any mismatch, 2 when the input cannot be read.",
+        "every sample has its image, .cls and .json (and .mask.png when built with masks); rejected.jsonl and "
+        "_info.json too. Exit 0 when all is well, 1 on any mismatch, 2 when the input cannot be read.",
     )
     p.add_argument("path", metavar="PATH_OR_URL",
                    help="variant folder, manifest.json, output root of variant folders, or http(s):// manifest URL")
-    p.add_argument("--deep", action="store_true", help="also decode every image and check its size")
+    p.add_argument("--deep", action="store_true", help="also decode every image and mask and check its size")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--allow-host", action="append", default=[], metavar="HOST",
+                   help="follow HTTP redirects to this other host (repeatable; default: same host only)")
     args = p.parse_args(argv)
+    policy = TransferPolicy(allow_hosts=frozenset(h.lower() for h in args.allow_host))
     try:
-        report = verify(args.path, deep=args.deep, progress=sys.stderr.isatty() and not args.json)
+        report = verify(args.path, deep=args.deep, progress=sys.stderr.isatty() and not args.json, policy=policy)
     except VerifyError as exc:
         print(f"verify: error: {exc}", file=sys.stderr)
         return 2

@@ -1,8 +1,10 @@
 """Draw one demo image in all nine variants as a labelled 3x3 grid (docs/variants.png).
 
-Every tile comes from the pipeline's own functions (``prepare_sample`` and
-``pipeline.variants``), so the picture shows what the builder writes, not a
-mock-up. Run from the repository root:
+The tiles are read back from shards this script builds with the builder itself
+(``builders.make_shards`` into a temporary folder, read with
+``eval.stream.samples``), so the picture is exactly what a build writes: the
+same renderers, fills, partners and textures, drawn from the same seed. Run
+from the repository root:
 
     python docs/make_variants_figure.py            # writes docs/variants.png
     python docs/make_variants_figure.py --help
@@ -11,8 +13,12 @@ mock-up. Run from the repository root:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
+import os
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,49 +28,55 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pipeline.demo import DemoUnavailable, read_demo  # noqa: E402
-from pipeline.prepare import PreparedSample, prepare_sample  # noqa: E402
-from pipeline.records import RejectedInput, SourceRecord  # noqa: E402
-from pipeline.rng import rng_for  # noqa: E402
-from pipeline.textures import N_PROCEDURAL, procedural_texture, texture_frame  # noqa: E402
-from pipeline.variants import (  # noqa: E402
-    FILLS,
-    VARIANTS,
-    composite,
-    make_fill,
-    no_fg,
-    only_bg_b,
-    only_bg_t,
-    only_fg,
-)
+from builders.config import ConfigError  # noqa: E402
+from builders.make_shards import build  # noqa: E402
+from builders.make_shards import parse_args as build_args  # noqa: E402
+from eval.stream import samples  # noqa: E402
+from pipeline.sources import SourceError  # noqa: E402
+from pipeline.sources.demo import DemoUnavailable  # noqa: E402
+from pipeline.variants import FILLS, VARIANT_SPECS, VARIANTS  # noqa: E402
 
 CAPTION_HEIGHT = 20
 
 
-def render_variants(
-    sample: PreparedSample,
-    partners: dict[str, PreparedSample],
-    fill: str,
-    seed: int,
-) -> dict[str, np.ndarray]:
-    """All nine variants of ``sample``; ``partners`` maps mixed_* ids to their background source."""
-    key = sample.record.key
-    size = sample.image.shape[0]
-    fill_image = make_fill(fill, sample.image, rng_for(seed, key, "fill"))
-    texture_rng = rng_for(seed, key, "texture")
-    texture = procedural_texture(int(texture_rng.integers(0, N_PROCEDURAL)), size)
-    tiles = {
-        "original": sample.image,
-        "only_fg": only_fg(sample.image, sample.fg_mask, fill_image),
-        "only_bg_b": only_bg_b(sample.image, sample.box_mask, fill_image),
-        "only_bg_t": only_bg_t(sample.image, sample.box_mask),
-        "no_fg": no_fg(sample.image, sample.fg_mask, fill_image),
-        "texture": composite(sample.image, sample.fg_mask, texture_frame(texture, size, texture_rng)),
-    }
-    for variant, partner in partners.items():
-        background = only_bg_t(partner.image, partner.box_mask)
-        tiles[variant] = composite(sample.image, sample.fg_mask, background)
-    return {variant: tiles[variant] for variant in VARIANTS}
+@contextlib.contextmanager
+def demo_cache(folder: Path | None) -> Iterator[None]:
+    """Where the demo photos are written (the builder reads BGCHECK_CACHE)."""
+    before = os.environ.get("BGCHECK_CACHE")
+    if folder is not None:
+        os.environ["BGCHECK_CACHE"] = str(folder)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("BGCHECK_CACHE", None)
+        else:
+            os.environ["BGCHECK_CACHE"] = before
+
+
+def caption(variant: str, meta: dict) -> str:
+    spec = VARIANT_SPECS[variant]
+    if spec.partner is not None:
+        return f"{variant} (bg: {meta['bg_key']})"
+    if spec.texture:
+        return f"{variant} ({meta['texture'].split(':')[-1]})"
+    return variant
+
+
+def built_tiles(args: argparse.Namespace, out: Path) -> dict[str, np.ndarray]:
+    """Build the demo in every variant and take ``args.key``'s sample from each."""
+    config, _ = build_args(["--variant", "all", "--out", str(out), "--mask", args.mask, "--fill", args.fill,
+                            "--seed", str(args.seed), "--size", str(args.size), "--resize", str(args.resize),
+                            "--no-progress"])
+    build(config, progress=False)
+    tiles: dict[str, np.ndarray] = {}
+    for variant in VARIANTS:
+        for sample in samples(str(out / variant)):
+            if sample.key == args.key:
+                tiles[caption(variant, sample.meta)] = sample.image.permute(1, 2, 0).numpy()
+    if len(tiles) != len(VARIANTS):
+        raise KeyError(f"demo image {args.key!r} is not in every variant (with --mask {args.mask})")
+    return tiles
 
 
 def caption_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -75,59 +87,36 @@ def caption_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def grid(tiles: dict[str, np.ndarray], columns: int = 3, gap: int = 4) -> Image.Image:
-    """Tiles in rows of ``columns``, each with its variant id written underneath."""
+    """Tiles in rows of ``columns``, each with its caption written underneath."""
     names = list(tiles)
     size = next(iter(tiles.values())).shape[0]
     rows = -(-len(names) // columns)
     cell_w, cell_h = size + gap, size + CAPTION_HEIGHT + gap
     sheet = Image.new("RGB", (columns * cell_w + gap, rows * cell_h + gap), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    font = caption_font(15)
+    font = caption_font(14)
     for i, name in enumerate(names):
         x = gap + (i % columns) * cell_w
         y = gap + (i // columns) * cell_h
-        sheet.paste(Image.fromarray(tiles[name]), (x, y))
+        sheet.paste(Image.fromarray(np.ascontiguousarray(tiles[name])), (x, y))
         draw.rectangle((x, y + size, x + size - 1, y + size + CAPTION_HEIGHT - 1), fill=(40, 40, 40))
-        draw.text(
-            (x + size // 2, y + size + CAPTION_HEIGHT // 2),
-            name,
-            fill=(255, 255, 255),
-            font=font,
-            anchor="mm",
-        )
+        draw.text((x + size // 2, y + size + CAPTION_HEIGHT // 2), name, fill=(255, 255, 255), font=font,
+                  anchor="mm")
     return sheet
-
-
-def load(
-    records: dict[str, SourceRecord], key: str, mask: str, size: int, resize: int, seed: int
-) -> PreparedSample:
-    if key not in records:
-        raise KeyError(f"no demo image {key!r}; choose one of {', '.join(sorted(records))}")
-    record = records[key]
-    return prepare_sample(
-        record, Path(record.image).read_bytes(), size=size, resize=resize, mask_source=mask, seed=seed
-    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Draw one demo image in all nine background variants as a labelled grid PNG."
+        description="Build the demo in all nine variants and draw one of its images as a labelled grid PNG."
     )
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "variants.png", help="output PNG path")
     parser.add_argument("--key", default="coffee", help="demo image to show (default: coffee)")
-    parser.add_argument(
-        "--mask", default="segm", choices=("box", "segm", "grabcut"), help="foreground mask source"
-    )
+    parser.add_argument("--mask", default="segm", choices=("box", "segm", "grabcut"), help="foreground mask source")
     parser.add_argument("--fill", default="black", choices=FILLS, help="fill for only_fg/only_bg_b/no_fg")
-    parser.add_argument("--same", default="coffee_mirror", help="mixed_same background image (same class)")
-    parser.add_argument("--rand", default="rocket", help="mixed_rand background image")
-    parser.add_argument("--next", dest="next_key", default="quokka", help="mixed_next background image")
     parser.add_argument("--size", type=int, default=224, help="frame size (default 224)")
     parser.add_argument("--resize", type=int, default=256, help="shorter side before the crop (default 256)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for texture choice and noise fill")
-    parser.add_argument(
-        "--colors", type=int, default=256, help="palette size of the PNG, 0 = full RGB (larger file)"
-    )
+    parser.add_argument("--seed", type=int, default=0, help="build seed: partners, textures, noise fills")
+    parser.add_argument("--colors", type=int, default=256, help="palette size of the PNG, 0 = full RGB (larger file)")
     parser.add_argument("--cache", type=Path, default=None, help="where the demo photos are written")
     return parser.parse_args(argv)
 
@@ -135,27 +124,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        records = {r.key: r for r in read_demo(args.cache) if isinstance(r, SourceRecord)}
-        sample = load(records, args.key, args.mask, args.size, args.resize, args.seed)
-        partners = {
-            variant: load(records, key, "box", args.size, args.resize, args.seed)
-            for variant, key in (
-                ("mixed_same", args.same),
-                ("mixed_rand", args.rand),
-                ("mixed_next", args.next_key),
-            )
-        }
-        tiles = render_variants(sample, partners, args.fill, args.seed)
-    except (DemoUnavailable, KeyError, RejectedInput, ValueError) as exc:
+        with demo_cache(args.cache), tempfile.TemporaryDirectory(prefix="variants-") as tmp:
+            tiles = built_tiles(args, Path(tmp) / "shards")
+    except (DemoUnavailable, KeyError, ConfigError, SourceError, ValueError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) else str(exc)
         print(f"error: {message}", file=sys.stderr)
         return 2
     sheet = grid(tiles)
     if args.colors:
         # A palette keeps the committed picture small; the tiles are photos, so dither.
-        sheet = sheet.quantize(
-            colors=args.colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.FLOYDSTEINBERG
-        )
+        sheet = sheet.quantize(colors=args.colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.FLOYDSTEINBERG)
     buf = io.BytesIO()
     sheet.save(buf, format="PNG", optimize=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

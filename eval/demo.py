@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\nDone.")
     print(f"  shards:      {shards}/<variant>/ (manifest.json, rejected.jsonl)")
     print(f"  predictions: {results}/predictions/<model>/<variant>.csv, scores: {results}/scores.csv")
-    print(f"  report:      {report_dir}/report.md")
-    print(f"  figures:     {report_dir}/fig_invariance.png, fig_influence.png, fig_bg_gap.png, fig_categories.png")
+    print(f"  report:      {report_dir}/report.md, metrics.csv, metrics.json, fig_*.png")
+    print(f"  open in a browser: {(report_dir / 'report.html').resolve()}")
     return 0
 
 

@@ -1,9 +1,14 @@
-"""Every metric the report shows, as pure functions over numpy arrays.
+"""Every metric the report shows: pure functions over numpy arrays, and one table of them.
 
 Inputs are per-sample correctness vectors (bool arrays). Anything that
 compares two variants takes vectors that are already aligned by sample key
 (:func:`join_by_key`): the same index is the same source image in every
 variant, so differences are paired, never positional accidents.
+
+:data:`METRICS` names every number the report writes (one row per metric:
+its group, the variants it reads, unit, formula, paper). ``metrics.csv``,
+the report's tables, the trends and the README's metric section are all
+rendered from it, so a metric is defined, named and documented here once.
 
 Sources:
 
@@ -18,19 +23,22 @@ Sources:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import reduce
+from typing import Any
 
 import numpy as np
 
+from pipeline.variants import VARIANTS, variants_in_group
+
 Z_95 = 1.96  # two-sided 95% normal quantile, as usually quoted
 
-# Variants that keep the foreground but put it on a background it was not
-# photographed with (Background Check invariance; NoS Mixed-Rand).
-NOVEL_BACKGROUND_VARIANTS = ("only_fg", "texture", "mixed_rand")
-# Variants with no foreground left (Background Check influence; NoS Only-BG-B/T, No-FG).
-BACKGROUND_ONLY_VARIANTS = ("only_bg_b", "only_bg_t", "no_fg")
+# Read from the variant table, never listed here: the foreground on a background it was not
+# photographed with (Background Check invariance; NoS Mixed-Rand), and no foreground left
+# (Background Check influence; NoS Only-BG-B/T, No-FG).
+NOVEL_BACKGROUND_VARIANTS = variants_in_group("novel_background")
+BACKGROUND_ONLY_VARIANTS = variants_in_group("background_only")
 
 # NoS Table 3, in their order. Correctness on (Original, Mixed-Rand, Only-BG-T):
 CATEGORIES = ("bg_required", "bg_fools", "bg_fg_required", "bg_fg_fools", "bg_irrelevant")
@@ -40,8 +48,19 @@ CATEGORY_TITLES = {
     "bg_fg_required": "BG+FG Required",
     "bg_fg_fools": "BG+FG Fools",
     "bg_irrelevant": "BG Irrelevant",
-    "other": "Other",
 }
+
+# The rule behind each category, as prediction_categories applies it (O, M, B: correct on each view).
+CATEGORY_RULES = {
+    "bg_required": "O ∧ ¬M ∧ B",
+    "bg_fools": "¬O ∧ M ∧ ¬B",
+    "bg_fg_required": "O ∧ ¬M ∧ ¬B",
+    "bg_fg_fools": "¬O ∧ M ∧ B",
+    "bg_irrelevant": "O = M",
+}
+
+BACKGROUND_CHECK = "Background Check (Sehwag et al. 2020)"
+NOISE_OR_SIGNAL = "Noise or Signal (Xiao et al. 2020)"
 
 
 @dataclass(frozen=True)
@@ -88,10 +107,10 @@ class Categories:
     def fractions(self) -> dict[str, float]:
         return {c: (self.counts[c] / self.n if self.n else math.nan) for c in self.counts}
 
-    @property
-    def other(self) -> int:
-        """Images in no category; zero for the NoS table, which covers all eight outcomes."""
-        return self.n - sum(self.counts.values())
+    def share(self, category: str) -> Estimate:
+        """Fraction of images in ``category`` with its Wilson interval."""
+        lo, hi = wilson_interval(self.counts[category], self.n)
+        return Estimate(self.counts[category] / self.n if self.n else math.nan, lo, hi, self.n)
 
 
 def wilson_interval(k: int, n: int, z: float = Z_95) -> tuple[float, float]:
@@ -229,8 +248,8 @@ def prediction_categories(
     BG Irrelevant      O == M   any
     ================  ===  ===  ===
 
-    The five cover all eight outcomes exactly once, so ``Categories.other``
-    is 0; it is kept so a reader can check that the fractions sum to 1.
+    The five cover all eight outcomes exactly once (they partition the
+    images), so the counts sum to ``n`` and no "other" bucket exists.
     BG Required + BG+FG Required is NoS' "needs the background" share (about
     35% for their ORIGINAL-trained ResNet-50).
     """
@@ -300,3 +319,215 @@ def join_by_key(*columns: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, li
         rows = order[np.searchsorted(keys[order], shared)]
         aligned.append(np.asarray(values)[rows])
     return shared, aligned
+
+
+def t_critical(level: float, df: int) -> float:
+    """Two-sided Student-t critical value: the t with P(|T| <= t) = ``level`` for ``df`` degrees of freedom.
+
+    Regression bands over a handful of models need the exact small-df value
+    (12.71 at df = 1, 4.30 at df = 2), where the normal 1.96 is far too
+    narrow. P(|T| <= t) has a closed form for integer df (Abramowitz & Stegun
+    26.7.3-4, with theta = atan(t / sqrt(df))), inverted here by bisection.
+    """
+    if df < 1:
+        raise ValueError("need at least one degree of freedom")
+    if not 0.0 < level < 1.0:
+        raise ValueError("level must be in (0, 1)")
+
+    def coverage(t: float) -> float:
+        theta = math.atan(t / math.sqrt(df))
+        c2, s = math.cos(theta) ** 2, math.sin(theta)
+        if df % 2:  # odd: 2/pi (theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ...))
+            term, total = math.cos(theta), 0.0
+            for k in range(1, (df - 1) // 2 + 1):
+                total += term
+                term *= c2 * (2 * k) / (2 * k + 1)
+            return 2.0 / math.pi * (theta + s * total)
+        term, total = 1.0, 0.0  # even: sin (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ...)
+        for k in range(1, df // 2 + 1):
+            total += term
+            term *= c2 * (2 * k - 1) / (2 * k)
+        return s * total
+
+    lo, hi = 0.0, 1.0
+    while coverage(hi) < level:
+        hi *= 2.0
+    for _ in range(200):
+        mid = (lo + hi) / 2.0
+        lo, hi = (mid, hi) if coverage(mid) < level else (lo, mid)
+    return (lo + hi) / 2.0
+
+
+def linear_fit_band(
+    x: Sequence[float] | np.ndarray,
+    y: Sequence[float] | np.ndarray,
+    grid: Sequence[float] | np.ndarray,
+    level: float = 0.95,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Least-squares line over finite (x, y) pairs and its confidence band for the mean, on ``grid``.
+
+    With s^2 = sum(residual^2) / (n - 2) and t the two-sided Student-t value
+    for ``level`` at n - 2 degrees of freedom::
+
+        fit(x0)  = intercept + slope * x0
+        half(x0) = t * s * sqrt(1/n + (x0 - mean(x))^2 / sum((x - mean(x))^2))
+
+    This is the band drawn around each trend line in the report's figures
+    (how uncertain the *line* is across models, not where one model falls).
+    Returns (fit, lower, upper), or None with fewer than 3 points or constant x.
+    """
+    xa = np.asarray(x, dtype=np.float64)
+    ya = np.asarray(y, dtype=np.float64)
+    keep = np.isfinite(xa) & np.isfinite(ya)
+    xa, ya = xa[keep], ya[keep]
+    n = int(xa.size)
+    slope, intercept, _, _ = linear_trend(xa, ya)
+    if n < 3 or not math.isfinite(slope):
+        return None
+    g = np.asarray(grid, dtype=np.float64)
+    residual = ya - (intercept + slope * xa)
+    s = math.sqrt(float(residual @ residual) / (n - 2))
+    sxx = float(((xa - xa.mean()) ** 2).sum())
+    half = t_critical(level, n - 2) * s * np.sqrt(1.0 / n + (g - xa.mean()) ** 2 / sxx)
+    fit = intercept + slope * g
+    return fit, fit - half, fit + half
+
+
+# ---------------------------------------------------------------- the metric table
+
+
+@dataclass(frozen=True)
+class MetricGroup:
+    """Metrics computed together from the same variants; one report table each.
+
+    ``name`` is also the field of the report's ``ModelMetrics`` that holds the
+    group's typed results (a dict by variant, or one result for the group).
+    """
+
+    name: str
+    title: str
+    paper: str
+    caption: str
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One named number of the report (a row of :data:`METRICS`)."""
+
+    name: str  # the metrics.csv ``metric`` value
+    group: str  # a MetricGroup name
+    column: str  # short column title in the report's tables
+    per_variant: tuple[str, ...]  # one value per variant present; () = one value for the group
+    reads_also: tuple[str, ...]  # variants read beside the row's own variant
+    unit: str  # "fraction" (shown in %), "difference" (of fractions, shown in points) or "ratio"
+    formula: str
+    interval: str  # how lo/hi are obtained; "" = no interval
+    paper: str
+    # The group's typed result (Estimate, Invariance, ...) -> {breakdown key: value}; key "" = no breakdown.
+    values: Callable[[Any], dict[str, Estimate]]
+    breakdown: str = ""  # metrics.csv column that holds the breakdown key ("category", "class")
+    label_spaces: tuple[str, ...] = ("in1k", "in9")
+    trend: bool = True  # trended across models
+
+    def reads(self, variant: str = "") -> tuple[str, ...]:
+        """Every variant one value of this metric is computed from."""
+        return (*self.reads_also, variant) if variant else self.reads_also
+
+
+def _point(value: float, n: int) -> Estimate:
+    return Estimate(value, math.nan, math.nan, n)
+
+
+def _whole(estimate: Estimate) -> dict[str, Estimate]:
+    return {"": estimate}
+
+
+def _above_chance(influence: Influence) -> dict[str, Estimate]:
+    # The chance level is a constant, so the Wilson interval of acc shifts by it.
+    acc, chance = influence.acc, influence.chance
+    return {"": Estimate(influence.above_chance, acc.lo - chance, acc.hi - chance, acc.n)}
+
+
+WILSON = "Wilson 95%"
+GROUPS: tuple[MetricGroup, ...] = (
+    MetricGroup("accuracy", "Accuracy on every variant", "—",
+                "Top-1 over each variant's own samples, Wilson 95% interval."),
+    MetricGroup("invariance", "Background invariance", BACKGROUND_CHECK,
+                "The real background replaced; paired over the keys in both original and the variant."),
+    MetricGroup("influence", "Background influence", BACKGROUND_CHECK,
+                "The foreground removed: accuracy above chance can only come from the background."),
+    MetricGroup("bg_gap", "BG-Gap", NOISE_OR_SIGNAL,
+                "acc(mixed_same) − acc(mixed_rand) over their shared keys: how much a background of the "
+                "right class helps the same foreground."),
+    MetricGroup("categories", "Prediction categories", f"{NOISE_OR_SIGNAL}, Table 3",
+                "Per image from correctness on original (full image), mixed_rand (foreground alone) and "
+                "only_bg_t (background alone), over shared keys; the five categories partition the images."),
+    MetricGroup("class_accuracy", "Accuracy per class", "—",
+                "Top-1 over each variant's samples of one class, Wilson 95% interval."),
+)
+
+METRICS: tuple[Metric, ...] = (
+    Metric("accuracy", "accuracy", "top-1", VARIANTS, (), "fraction",
+           "mean(pred = label) over the variant's samples (in9: IN-9 prediction = IN-9 label, over samples of the "
+           "370 IN-9 classes; a prediction outside them is wrong)",
+           f"{WILSON}: centre = (p + z²/2n)/(1 + z²/n), half-width = z·sqrt(p(1−p)/n + z²/4n²)/(1 + z²/n), z = 1.96",
+           "—", _whole),
+    Metric("invariance_clean_accuracy", "invariance", "clean", NOVEL_BACKGROUND_VARIANTS, ("original",),
+           "fraction", "acc(original) over the keys shared with the variant", WILSON, BACKGROUND_CHECK,
+           lambda inv: _whole(inv.clean), trend=False),
+    Metric("invariance_accuracy", "invariance", "novel background", NOVEL_BACKGROUND_VARIANTS, ("original",),
+           "fraction", "acc(variant) over the keys shared with original (equals `accuracy` of the variant "
+           "when original has all of its keys)", WILSON, BACKGROUND_CHECK, lambda inv: _whole(inv.acc),
+           trend=False),  # its trend would repeat the variant's `accuracy` trend
+    Metric("invariance_drop", "invariance", "drop", NOVEL_BACKGROUND_VARIANTS, ("original",), "difference",
+           "acc(original) − acc(variant) over the shared keys", "", BACKGROUND_CHECK,
+           lambda inv: _whole(_point(inv.drop, inv.n))),
+    Metric("invariance_ratio", "invariance", "ratio", NOVEL_BACKGROUND_VARIANTS, ("original",), "ratio",
+           "acc(variant) / acc(original) over the shared keys (empty when acc(original) = 0)", "", BACKGROUND_CHECK,
+           lambda inv: _whole(_point(inv.ratio, inv.n))),
+    Metric("influence_above_chance", "influence", "above chance", BACKGROUND_ONLY_VARIANTS, (), "difference",
+           "acc(variant) − chance, chance = 1/C of the label space (1/1000 in1k, 1/9 in9; in metrics.json); "
+           "acc(variant) itself is `accuracy`", f"{WILSON} of acc(variant), minus chance", BACKGROUND_CHECK,
+           _above_chance, trend=False),  # `accuracy` shifted by a constant: same slope and r
+    Metric("bg_gap", "bg_gap", "BG-Gap", (), ("mixed_same", "mixed_rand"), "difference",
+           "acc(mixed_same) − acc(mixed_rand) over the shared keys",
+           "paired bootstrap 95%: resample keys with replacement B times (`numpy.random.default_rng(seed)`), "
+           "percentiles 2.5/97.5 of the resampled gaps", NOISE_OR_SIGNAL, _whole),
+    Metric("category_share", "categories", "share", (), ("original", "mixed_rand", "only_bg_t"), "fraction",
+           "fraction of the shared keys in each category (`category` column), with O, M, B = correct on original, "
+           "mixed_rand, only_bg_t: " + "; ".join(f"**{CATEGORY_TITLES[c]}** (`{c}`) {CATEGORY_RULES[c]}"
+                                                 for c in CATEGORIES) + ". The five partition the images",
+           WILSON, f"{NOISE_OR_SIGNAL}, Table 3",
+           lambda cats: {c: cats.share(c) for c in CATEGORIES}, breakdown="category"),
+    Metric("class_accuracy", "class_accuracy", "top-1", VARIANTS, (), "fraction",
+           "`accuracy` over the variant's samples of one class (`class` column: the class name)", WILSON, "—",
+           lambda by_class: dict(by_class), breakdown="class", label_spaces=("in9",), trend=False),
+)
+
+METRIC_BY_NAME = {m.name: m for m in METRICS}
+
+
+# ---------------------------------------------------------------- published anchors
+
+
+@dataclass(frozen=True)
+class PublishedValue:
+    """A number a paper reports for a model we can score, shown beside ours."""
+
+    model: str  # our registry id
+    weights: str  # the weights the published number was measured with
+    label_space: str
+    metric: str  # a METRICS name
+    variant: str  # "" for metrics of a fixed set of variants (bg_gap)
+    value: float
+    source: str
+
+
+NOS_README = "Noise or Signal, github.com/MadryLab/backgrounds_challenge README (pretrained ResNet-50)"
+# torchvision had only these ResNet-50 weights in 2020; IMAGENET1K_V2 came later and scores differently.
+PUBLISHED: tuple[PublishedValue, ...] = (
+    PublishedValue("resnet50", "IMAGENET1K_V1", "in9", "accuracy", "original", 0.956, NOS_README),
+    PublishedValue("resnet50", "IMAGENET1K_V1", "in9", "accuracy", "mixed_same", 0.862, NOS_README),
+    PublishedValue("resnet50", "IMAGENET1K_V1", "in9", "accuracy", "mixed_rand", 0.789, NOS_README),
+    PublishedValue("resnet50", "IMAGENET1K_V1", "in9", "bg_gap", "", 0.073, NOS_README),
+)

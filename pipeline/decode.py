@@ -1,51 +1,107 @@
-"""Decode source images to RGB uint8, the way ImageNet's odd files need.
+"""Decode images to RGB uint8, the way ImageNet's odd files need: the one decode entry point.
 
 ImageNet holds CMYK JPEGs, grayscale images and one PNG named ``.JPEG``; PIL
-sniffs the format from the bytes, so the extension is never trusted. Every
-failure becomes a :class:`RejectedInput` with a precise reason.
+sniffs the format from the bytes, so the extension is never trusted. But PIL
+sniffs *every* format it has a plugin for, including PostScript/EPS (handed to
+Ghostscript), so every open names the formats its context allows
+(:func:`open_image`'s ``formats``): what a source image, a mask, a texture or
+a shard image may be, and nothing else. Every failure becomes a
+:class:`RejectedInput` with a precise, stable, one-line reason that never
+quotes the file's bytes.
 """
 
 from __future__ import annotations
 
 import io
+import re
 import warnings
+from collections.abc import Sequence
 from typing import IO
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from pipeline.records import RejectedInput
 
-# PIL's own default (about 89 Mpx); a larger image is refused, not decoded.
-MAX_IMAGE_PIXELS = 89_478_485
+# The one decompression-bomb limit of the project (builder inputs, masks, textures, and the
+# evaluator's and verifier's shard images): 8192 x 8192. ImageNet's largest photos are far below
+# it, shards hold frames of a few hundred pixels, and PIL's own limit (89 Mpx, an error at twice
+# that) stays in force as a second net. Read it as ``decode.MAX_IMAGE_PIXELS`` at call time.
+MAX_IMAGE_PIXELS = 1 << 26
 MIN_SIDE = 8
 
+# What each context decodes (PIL format names). Sources: ImageNet is JPEG, with one PNG named
+# .JPEG, and the readers list .jpeg/.jpg/.png. Masks: PNG (ImageNet-S, our own .mask.png).
+# Textures: the extensions builders.plan lists for --textures. Shards: what the format defines.
+SOURCE_FORMATS = ("JPEG", "PNG")
+MASK_FORMATS = ("PNG",)
+TEXTURE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
+SHARD_FORMATS = ("JPEG", "PNG", "WEBP")
 
-def open_image(data: bytes | IO[bytes]) -> Image.Image:
-    """Open (lazily) and sanity-check an encoded image; raise RejectedInput on bad bytes.
+# Magic numbers of formats people put under an image name, only to say what a refused file is.
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"%!PS", "PostScript"),
+    (b"\xc5\xd0\xd3\xc6", "EPS"),
+    (b"%PDF", "PDF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+_ADDRESS = re.compile(r" (object )?at 0x[0-9a-fA-F]+")
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The format a file's first bytes announce (for messages only; PIL decides what decodes)."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for magic, name in _SIGNATURES if head.startswith(magic)), None)
+
+
+def stable_message(exc: BaseException) -> str:
+    """``Type: message`` on one line without memory addresses, so a rejection reads the same on every run."""
+    text = " ".join(str(exc).split())
+    return _ADDRESS.sub("", f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+
+
+def _refusal(head: bytes, formats: Sequence[str]) -> str:
+    allowed = " or ".join(formats)
+    found = sniff_format(head)
+    if found is None:
+        return f"not a {allowed} image"
+    if found in formats:
+        return f"{found} data that cannot be read"
+    return f"{found} data, not {allowed}"
+
+
+def open_image(data: bytes | IO[bytes], *, formats: Sequence[str]) -> Image.Image:
+    """Open (lazily) and sanity-check an encoded image of one of ``formats``; RejectedInput otherwise.
 
     ``data`` may be the bytes or a seekable binary file: from a file, only the
-    header is read, which is all that planning needs.
+    header is read, which is all that planning needs. ``formats`` goes to PIL
+    as its allow-list, so no other plugin ever sees the bytes.
     """
     stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
-    head = stream.read(8)
+    head = stream.read(16)
     stream.seek(0)
     if not head:
         raise RejectedInput("empty_file", "0 bytes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(stream)
+            img = Image.open(stream, formats=list(formats))
             w, h = img.size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise RejectedInput("decompression_bomb", str(exc).split(".")[0]) from None
     except Image.UnidentifiedImageError:
-        # PIL's message holds the BytesIO's memory address: the detail must be the same on every run
-        raise RejectedInput("undecodable_image", f"not a known image format (starts {head.hex()})") from None
+        # PIL's message holds the file's name or the BytesIO's address; say what the bytes are instead
+        raise RejectedInput("undecodable_image", _refusal(head, formats)) from None
     except Exception as exc:  # PIL raises many types for garbage bytes
-        raise RejectedInput("undecodable_image", f"{type(exc).__name__}: {exc}") from None
+        raise RejectedInput("undecodable_image", stable_message(exc)) from None
     if w * h > MAX_IMAGE_PIXELS:
-        raise RejectedInput("decompression_bomb", f"{w}x{h} exceeds {MAX_IMAGE_PIXELS} pixels")
+        raise RejectedInput("decompression_bomb", f"{w}x{h} = {w * h} pixels exceeds the {MAX_IMAGE_PIXELS}-pixel limit")
     return img
 
 
@@ -75,9 +131,9 @@ def to_rgb_array(img: Image.Image, draft_min_side: int | None = None) -> tuple[n
         msg = str(exc)
         if "truncated" in msg.lower() or "premature" in msg.lower() or "broken data" in msg.lower():
             raise RejectedInput("truncated_image", msg) from None
-        raise RejectedInput("undecodable_image", msg) from None
+        raise RejectedInput("undecodable_image", stable_message(exc)) from None
     except Exception as exc:
-        raise RejectedInput("undecodable_image", f"{type(exc).__name__}: {exc}") from None
+        raise RejectedInput("undecodable_image", stable_message(exc)) from None
     rgb = _convert_to_rgb(img)
     arr = np.asarray(rgb, dtype=np.uint8)
     if arr.ndim != 3 or arr.shape[2] != 3:
@@ -113,9 +169,14 @@ def _convert_to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_rgb(data: bytes, draft_min_side: int | None = None) -> tuple[np.ndarray, int, tuple[int, int], float]:
-    """Bytes -> (RGB uint8 array as stored, EXIF orientation, stored (w, h), decode scale)."""
-    img = open_image(data)
+def decode_rgb(
+    data: bytes, draft_min_side: int | None = None, *, formats: Sequence[str] = SOURCE_FORMATS
+) -> tuple[np.ndarray, int, tuple[int, int], float]:
+    """Bytes -> (RGB uint8 array as stored, EXIF orientation, stored (w, h), decode scale).
+
+    ``formats`` defaults to what a source image may be; textures pass :data:`TEXTURE_FORMATS`.
+    """
+    img = open_image(data, formats=formats)
     stored_size = img.size
     if min(stored_size) < 1:
         raise RejectedInput("undecodable_image", f"size {stored_size}")
@@ -152,8 +213,3 @@ def orient_point_map(orientation: int, width: float, height: float):
         8: lambda x, y: (y, width - x),
     }
     return maps.get(orientation, maps[1])
-
-
-def exif_transpose_image(img: Image.Image) -> Image.Image:
-    """PIL's reference orientation handling (used to test :func:`apply_orientation`)."""
-    return ImageOps.exif_transpose(img)

@@ -14,11 +14,11 @@ from typing import Any, Literal
 # Reason codes are part of the output contract (rejected.jsonl, manifest).
 REASONS: dict[str, str] = {
     # image file problems
-    "missing_image": "annotation names an image that does not exist",
+    "missing_image": "annotation names an image that does not exist (or a dangling symlink)",
     "empty_file": "image file has zero bytes",
     "truncated_image": "image data ends early",
-    "undecodable_image": "bytes are not a readable image",
-    "decompression_bomb": "image has more pixels than the decompression-bomb limit",
+    "undecodable_image": "not a readable image of an allowed format, or not a regular file",
+    "decompression_bomb": "image (or its annotation's stated size) has more pixels than the decompression-bomb limit",
     "image_too_small": "image is smaller than the minimum side length",
     # annotation problems
     "missing_annotation": "image has no annotation",

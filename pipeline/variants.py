@@ -1,29 +1,38 @@
-"""The nine variants as pure functions: arrays in, arrays out, randomness passed in.
+"""The nine variants: pure functions (arrays in, arrays out, randomness passed in) and one table of them.
 
 All images are RGB uint8 (H, W, 3) in the canonical frame; masks are boolean
-(H, W). Nothing here reads files or touches a global RNG, so the module is
-importable and testable without any CLI.
+(H, W). :data:`VARIANT_SPECS` is the one place that says how each variant
+renders, what it needs (a fill, a background partner and from which pool, a
+texture, a usable background of its own) and which group of measurements it
+serves; the planner, the builder, the metrics, the docs and the CLIs all read
+it, so adding a variant is its function plus one row. Nothing here reads
+files or touches a global RNG.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 
 from pipeline.records import RejectedInput
-from pipeline.shard_format import FILLS, VARIANTS
+from pipeline.rng import rng_for
 
-__all__ = [
-    "VARIANTS",
-    "FILLS",
-    "make_fill",
-    "only_fg",
-    "only_bg_b",
-    "no_fg",
-    "only_bg_t",
-    "box_rectangle",
-    "composite",
-    "fg_area",
-]
+FILLS = ("black", "white", "gray", "mean", "noise")
+# What each group of variants measures (the metrics read a variant's group, never a list of ids).
+GROUPS = {
+    "original": "the framed source, the clean reference",
+    "novel_background": "the foreground on a background it was not photographed with (Background Check invariance)",
+    "background_only": "no foreground left (Background Check influence; Noise or Signal Only-BG)",
+    "class_background": "the foreground on another image's background chosen by class (Noise or Signal)",
+}
+# Background partner pools of the mixed variants.
+PARTNER_POOLS = {
+    "same": "an image of the same class",
+    "any": "an image of any class (never itself)",
+    "next": "an image of the next class among those present ((y + 1) mod C)",
+}
 
 _CONSTANT_FILLS = {"black": 0, "white": 255, "gray": 128}
 
@@ -126,3 +135,97 @@ def composite(fg_image: np.ndarray, fg_mask: np.ndarray, background: np.ndarray)
 def fg_area(fg_mask: np.ndarray) -> float:
     """Fraction of the frame covered by the foreground mask."""
     return float(fg_mask.mean())
+
+
+# --------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class VariantInputs:
+    """What a variant may draw on: the framed image, its masks, and what the planner gave it."""
+
+    image: np.ndarray
+    fg_mask: np.ndarray
+    box_mask: np.ndarray
+    fill: np.ndarray | None = None  # the fill image (variants with ``fill``)
+    background: np.ndarray | None = None  # a partner's only_bg_t, or a framed texture
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """One variant: how it renders, what it needs, what it measures."""
+
+    id: str
+    render: Callable[[VariantInputs], np.ndarray]
+    group: str
+    summary: str
+    paper: str
+    fill: bool = False  # uses --fill
+    partner: str | None = None  # draws a background partner from this pool (PARTNER_POOLS)
+    texture: bool = False  # draws a texture
+    own_background: bool = False  # needs a usable background of its own (box not too large, a strip to tile)
+
+    @property
+    def needs_background(self) -> bool:
+        return self.partner is not None or self.texture
+
+
+def _need(value: np.ndarray | None, what: str) -> np.ndarray:
+    if value is None:
+        raise ValueError(f"this variant needs {what}")
+    return value
+
+
+VARIANT_SPECS: dict[str, VariantSpec] = {
+    spec.id: spec
+    for spec in (
+        VariantSpec("original", lambda x: x.image, "original", "the framed source, unmodified", "both"),
+        VariantSpec("only_fg", lambda x: only_fg(x.image, x.fg_mask, _need(x.fill, "a fill")), "novel_background",
+                    "the foreground mask kept, everything else the fill (black = NoS, white = Background Check)",
+                    "both", fill=True),
+        VariantSpec("only_bg_b", lambda x: only_bg_b(x.image, x.box_mask, _need(x.fill, "a fill")),
+                    "background_only", "the box filled, the background kept", "both", fill=True, own_background=True),
+        VariantSpec("only_bg_t", lambda x: only_bg_t(x.image, x.box_mask), "background_only",
+                    "the box covered by tiling the largest background strip outside it", "Noise or Signal",
+                    own_background=True),
+        VariantSpec("no_fg", lambda x: no_fg(x.image, x.fg_mask, _need(x.fill, "a fill")), "background_only",
+                    "the foreground mask filled (the silhouette stays), the background kept", "Noise or Signal",
+                    fill=True, own_background=True),
+        VariantSpec("mixed_same", lambda x: composite(x.image, x.fg_mask, _need(x.background, "a partner")),
+                    "class_background", "the foreground over the only_bg_t background of another image of the same class",
+                    "Noise or Signal", partner="same"),
+        VariantSpec("mixed_rand", lambda x: composite(x.image, x.fg_mask, _need(x.background, "a partner")),
+                    "novel_background", "the foreground over the only_bg_t background of a random image of any class",
+                    "both", partner="any"),
+        VariantSpec("mixed_next", lambda x: composite(x.image, x.fg_mask, _need(x.background, "a partner")),
+                    "class_background", "the foreground over the only_bg_t background of an image of the next class",
+                    "Noise or Signal", partner="next"),
+        VariantSpec("texture", lambda x: composite(x.image, x.fg_mask, _need(x.background, "a texture")),
+                    "novel_background", "the foreground over a randomly chosen texture", "Background Check",
+                    texture=True),
+    )
+}
+VARIANTS: tuple[str, ...] = tuple(VARIANT_SPECS)
+
+
+def variants_in_group(group: str) -> tuple[str, ...]:
+    if group not in GROUPS:
+        raise ValueError(f"unknown variant group {group!r}")
+    return tuple(v for v, spec in VARIANT_SPECS.items() if spec.group == group)
+
+
+def render_variant(
+    variant: str,
+    image: np.ndarray,
+    fg_mask: np.ndarray,
+    box_mask: np.ndarray,
+    *,
+    fill: str,
+    seed: int,
+    key: str,
+    background: np.ndarray | None = None,
+) -> np.ndarray:
+    """One variant's pixels: the fill is drawn from ``(seed, key, "fill:<variant>")``, as every builder does."""
+    spec = VARIANT_SPECS[variant]
+    fill_image = make_fill(fill, image, rng_for(seed, key, f"fill:{variant}")) if spec.fill else None
+    return spec.render(VariantInputs(image, fg_mask, box_mask, fill_image, background))

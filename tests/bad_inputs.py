@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tests.fixtures_imagenet import make_val_tree, write_voc_xml
+from bench.imagenet_tree import make_val_tree, write_voc_xml
 
 WNID = "n01440764"  # tench
 OTHER_WNIDS = ("n01443537", "n02099601")  # goldfish, golden retriever
@@ -29,6 +30,9 @@ SIDE = 48  # special images are SIDE x SIDE unless said otherwise
 BOX = (12, 12, 36, 36)  # half-open box of the special images: the centre half
 INSIDE = (255, 40, 40)  # colour inside BOX where a case uses flat colours
 OUTSIDE = (30, 90, 200)
+# What a text file that an image name links to holds: no rejection may quote it.
+SECRET = b"api_token=hunter2-DO-NOT-SHARE\n"
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 48 48\n0 0 moveto 48 48 lineto stroke\nshowpage\n%%EOF\n"
 
 
 @dataclass
@@ -141,6 +145,13 @@ def make_bad_val_tree(root: str | Path, n_good: int = 8) -> Corpus:
         size=(1, 1), objects=[(WNID, (1, 1, 1, 1))])
     add("bomb", png_header_only(30000, 30000), "decompression_bomb",
         size=(30000, 30000), objects=[(WNID, (10000, 10000, 20000, 20000))])
+    add("gif_named_jpeg", encoded(good, "GIF"), "undecodable_image")
+    add("postscript", EPS, "undecodable_image")  # must never reach Ghostscript
+    (Path(root) / "notes.txt").write_bytes(SECRET)
+    add("text_symlink", None, "undecodable_image").symlink_to(Path(root) / "notes.txt")
+    add("dangling_symlink", None, "missing_image").symlink_to(Path(root) / "moved-away.JPEG")
+    add("inf_width", good_jpeg, "malformed_annotation", xml=False)
+    write_voc_xml(xml_dir / "inf_width.xml", "inf_width", ("inf", SIDE), [(WNID, voc_corners())])
 
     # ---- broken annotations on good images
     add("box_outside", good_jpeg, "box_outside_image", objects=[(WNID, (10, 10, SIDE + 30, 30))])
@@ -169,6 +180,8 @@ def make_bad_coco(root: str | Path, n_good: int = 3) -> Corpus:
     cases = [(f"n01440764_{i + 1}", "good") for i in range(n_good)] + [
         ("n01440764_901", "broken_rle"),
         ("n01440764_902", "wrong_size_rle"),
+        ("n01440764_903", "infinite_width"),
+        ("n01440764_904", "polygon_outside"),
     ]
     for i, (key, case) in enumerate(cases):
         pixels = flat_box_image(inside=tuple(int(v) for v in rng.integers(0, 256, 3)))
@@ -183,10 +196,17 @@ def make_bad_coco(root: str | Path, n_good: int = 3) -> Corpus:
             ann["segmentation"] = {"size": [SIDE, SIDE], "counts": "\x7f\x7f not an RLE \x01"}
             ann["iscrowd"] = 1
             expected[key] = "bad_segmentation"
-        else:
+        elif case == "wrong_size_rle":
             ann["segmentation"] = {"size": [SIDE + 5, SIDE], "counts": [0, SIDE * (SIDE + 5)]}
             ann["iscrowd"] = 1
             expected[key] = "mask_size_mismatch"
+        elif case == "infinite_width":  # json writes Infinity, as JavaScript tools do
+            entries[-1]["width"] = float("inf")
+            ann["segmentation"] = [_polygon(BOX)]
+            expected[key] = "malformed_annotation"
+        else:  # far outside the image: checked before pycocotools rasterises it
+            ann["segmentation"] = [[x0, y0, 10 * SIDE, y0, x1, y1]]
+            expected[key] = "bad_segmentation"
         anns.append(ann)
     coco = {"images": entries, "annotations": anns, "categories": [{"id": 1, "name": WNID}]}
     path = root / "coco.json"
@@ -195,12 +215,17 @@ def make_bad_coco(root: str | Path, n_good: int = 3) -> Corpus:
 
 
 def make_bad_mask_dir(root: str | Path, n_good: int = 3) -> Corpus:
-    """ImageNet-S style PNG masks: good masks and one mask whose size differs from its image."""
+    """PNG masks: good single-channel masks, an ImageNet-S class-id mask, and broken ones.
+
+    Broken: a mask whose size differs from its image, a binary mask saved as
+    RGB (white is class id 65535: no ImageNet-S mask), and a FIFO named like
+    a mask (must be refused, never waited on).
+    """
     root = Path(root)
     images, masks = root / "mask_images", root / "masks"
     images.mkdir(parents=True)
     masks.mkdir(parents=True)
-    expected = {}
+    expected: dict[str, str | None] = {}
     for i in range(n_good + 1):
         key = f"n01443537_{i + 1}"
         Image.fromarray(flat_box_image()).save(images / f"{key}.JPEG", quality=95)
@@ -210,4 +235,17 @@ def make_bad_mask_dir(root: str | Path, n_good: int = 3) -> Corpus:
         mask[side // 4 : 3 * side // 4, side // 4 : 3 * side // 4] = 255
         Image.fromarray(mask).save(masks / f"{key}.png")
         expected[key] = "mask_size_mismatch" if wrong else None
+    x0, y0, x1, y1 = BOX
+    ids = np.full((SIDE, SIDE), 1000, np.uint16)  # ImageNet-S "ignored" everywhere but the object ...
+    ids[y0:y1, x0:x1] = 5  # ... whose class id is 5 (R + 256 G): read as all foreground, it is a wrong mask
+    colour = np.zeros((SIDE, SIDE, 3), np.uint8)
+    colour[..., 0], colour[..., 1] = ids % 256, ids // 256
+    white = np.repeat(np.where(ids == 5, 255, 0).astype(np.uint8)[..., None], 3, axis=2)
+    for key, pixels, reason in (("n01443537_901", colour, None), ("n01443537_902", white, "bad_segmentation")):
+        Image.fromarray(flat_box_image()).save(images / f"{key}.JPEG", quality=95)
+        Image.fromarray(pixels, "RGB").save(masks / f"{key}.png")
+        expected[key] = reason
+    Image.fromarray(flat_box_image()).save(images / "n01443537_903.JPEG", quality=95)
+    os.mkfifo(masks / "n01443537_903.png")
+    expected["n01443537_903"] = "bad_segmentation"
     return Corpus(images, masks, expected)

@@ -24,7 +24,9 @@ def test_make_tree_is_cached_and_sized(tmp_path):
 
 
 def test_bench_reports_every_ratio(tmp_path):
-    results = run_bench(n=12, workers=2, quick=True, cache=tmp_path / "trees", n_naive=3, log=lambda m: None)
+    # four classes: even the 6-source build has a partner for every class relation (mixed_same, mixed_next)
+    results = run_bench(n=12, workers=2, quick=True, cache=tmp_path / "trees", n_naive=3, n_classes=4,
+                        log=lambda m: None)
     results = json.loads(json.dumps(results))  # what --json writes
     assert set(results["targets"]) == set(TARGETS)
     for name, row in results["targets"].items():

@@ -9,6 +9,7 @@ plain ``webdataset``).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -22,10 +23,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.imagenet_tree import make_val_tree, write_voc_xml
 from builders.make_shards import build, parse_args
 from pipeline.classes import imagenet_classes, in9_members, to_in9
-from pipeline.shard_format import META_FIELDS, MIXED_VARIANTS, VARIANTS
-from tests.fixtures_imagenet import make_val_tree, write_voc_xml
+from pipeline.shard_format import META_FIELDS, Manifest
+from pipeline.variants import VARIANT_SPECS, VARIANTS
 from tests.shard_fixtures import read_samples
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,17 +36,10 @@ WNIDS = ("n01440764", "n01443537", "n02099601", "n02123045")
 SIZES = ((128, 96), (96, 128), (112, 112))
 N_IMAGES = 16
 FRAME = ["--size", "64", "--resize", "72", "--shard-size", "4", "--no-progress"]
+MIXED_VARIANTS = tuple(v for v, spec in VARIANT_SPECS.items() if spec.partner)
 
 
 # --------------------------------------------------------------------------- fixtures and helpers
-
-
-@pytest.fixture(scope="module", autouse=True)
-def demo_cache(tmp_path_factory):
-    """The embedded demo caches its photos under BGCHECK_CACHE: keep that inside the test's tmp."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BGCHECK_CACHE", str(tmp_path_factory.mktemp("bgcheck-cache")))
-        yield
 
 
 def add_odd_inputs(images: Path, boxes: Path) -> None:
@@ -70,13 +65,13 @@ def source_args(tree: tuple[Path, Path]) -> list[str]:
     return ["--source", "imagenet-val", "--images", str(tree[0]), "--annotations", str(tree[1])]
 
 
-def run_build(tree, out: Path, *extra: str) -> dict[str, dict]:
+def run_build(tree, out: Path, *extra: str) -> dict[str, Manifest]:
     config, _ = parse_args([*source_args(tree), "--out", str(out), *FRAME, *extra])
     return build(config, progress=False)
 
 
 @pytest.fixture(scope="module")
-def reference(tree, tmp_path_factory) -> tuple[Path, dict[str, dict]]:
+def reference(tree, tmp_path_factory) -> tuple[Path, dict[str, Manifest]]:
     """All variants, one worker: the build every other build is compared with."""
     out = tmp_path_factory.mktemp("reference")
     return out, run_build(tree, out, "--variant", "all", "--workers", "1")
@@ -227,31 +222,34 @@ def test_manifest_counts_add_up(reference):
     n_inputs = N_IMAGES + 2
     for variant, m in manifests.items():
         folder = out / variant
-        totals = m["totals"]
-        assert totals["inputs"] == n_inputs
-        assert totals["samples"] + totals["rejected"] == n_inputs
-        assert len(m["rejected"]) == totals["rejected"]
-        lines = (folder / "rejected.jsonl").read_text().splitlines()
-        assert [json.loads(line) for line in lines] == m["rejected"]
-        rejected = {r["key"]: r["reason"] for r in m["rejected"]}
+        totals = m.totals
+        assert totals.inputs == n_inputs
+        assert totals.samples + totals.rejected == n_inputs
+        raw = (folder / "rejected.jsonl").read_bytes()
+        assert m.rejected.count == totals.rejected == len(raw.splitlines())
+        assert m.rejected.sha256 == hashlib.sha256(raw).hexdigest()
+        rows = [json.loads(line) for line in raw.splitlines()]
+        assert sum(m.rejected_reasons.values()) == len(rows)
+        rejected = {r["key"]: r["reason"] for r in rows}
         assert rejected["ILSVRC2012_val_00000901"] == "missing_annotation"
         if variant in ("only_bg_b", "only_bg_t", "no_fg"):
             assert rejected["ILSVRC2012_val_00000902"] == "box_too_large"
         else:
             assert "ILSVRC2012_val_00000902" not in rejected
         labels: dict[str, int] = {}
-        for entry in m["shards"]:
-            with tarfile.open(folder / entry["name"]) as tar:
+        for entry in m.shards:
+            with tarfile.open(folder / entry.name) as tar:
                 names = tar.getnames()
-                assert entry["count"] == len(names) / 3
+                assert entry.count == len(names) / 3
                 for name in names:
                     if name.endswith(".cls"):
                         label = tar.extractfile(name).read().decode()
                         labels[label] = labels.get(label, 0) + 1
-            assert entry["bytes"] == (folder / entry["name"]).stat().st_size
-        assert sum(e["count"] for e in m["shards"]) == totals["samples"]
-        assert sum(m["class_histogram"].values()) == totals["samples"]
-        assert m["class_histogram"] == labels
+            assert entry.nbytes == (folder / entry.name).stat().st_size
+        assert sum(e.count for e in m.shards) == totals.samples
+        assert sum(m.class_histogram.values()) == totals.samples
+        assert m.class_histogram == labels
+        assert Manifest.from_bytes((folder / "manifest.json").read_bytes(), variant) == m
 
 
 def test_webdataset_and_tarfile_read_every_member(tree, tmp_path):
@@ -260,8 +258,8 @@ def test_webdataset_and_tarfile_read_every_member(tree, tmp_path):
     for variant, m in manifests.items():
         by_tarfile = read_samples(tmp_path / variant)
         seen = []
-        for entry in m["shards"]:
-            url = str(tmp_path / variant / entry["name"])
+        for entry in m.shards:
+            url = str(tmp_path / variant / entry.name)
             for sample in wds.WebDataset(url, shardshuffle=False):
                 key = sample["__key__"]
                 seen.append(key)
@@ -274,7 +272,7 @@ def test_webdataset_and_tarfile_read_every_member(tree, tmp_path):
                 assert sample["jpg"] == by_tarfile[key]["jpg"]
                 mask = np.asarray(Image.open(io.BytesIO(sample["mask.png"])))
                 assert mask.shape == (64, 64) and mask.any()
-        assert seen == list(by_tarfile) and len(seen) == m["totals"]["samples"] > 0
+        assert seen == list(by_tarfile) and len(seen) == m.totals.samples > 0
 
 
 def check_partners(out: Path, level: str) -> int:
@@ -302,7 +300,7 @@ def check_partners(out: Path, level: str) -> int:
 
 def test_mixed_partners_follow_the_class_relation(reference):
     out, manifests = reference
-    assert check_partners(out, "class") == sum(manifests[v]["totals"]["samples"] for v in MIXED_VARIANTS) > 0
+    assert check_partners(out, "class") == sum(manifests[v].totals.samples for v in MIXED_VARIANTS) > 0
     # the image whose box fills the frame has no background to lend
     for v in MIXED_VARIANTS:
         assert all(m["bg_key"] != "ILSVRC2012_val_00000902" for m in metas(out / v).values())
@@ -336,10 +334,11 @@ def test_recipe_imagenet9(tmp_path):
                "--out", str(out), *FRAME)
     assert code.returncode == 0, code.stderr
     recipe = json.loads((ROOT / "data_manifests/recipes/imagenet9.json").read_text())
-    assert sorted(p.name for p in out.iterdir()) == sorted(recipe["variants"])
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(recipe["variants"])
     m = json.loads((out / "original" / "manifest.json").read_text())
     assert m["config"]["classes"] == "in9" and m["config"]["exactly_one_box"] is True
-    outside = [r for r in m["rejected"] if r["reason"] == "class_not_selected"]
+    rejected = [json.loads(line) for line in (out / "original" / "rejected.jsonl").read_text().splitlines()]
+    outside = [r for r in rejected if r["reason"] == "class_not_selected"]
     assert len(outside) == 3  # every fifth of 15 images is the non-IN-9 class
     originals = metas(out / "original")
     assert len(originals) == 12
@@ -356,7 +355,7 @@ def test_recipe_background_check(tree, tmp_path):
                *FRAME)
     assert code.returncode == 0, code.stderr
     recipe = json.loads((ROOT / "data_manifests/recipes/background_check.json").read_text())
-    assert sorted(p.name for p in out.iterdir()) == sorted(recipe["variants"])
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(recipe["variants"])
     checked = 0
     for sample in read_samples(out / "only_fg").values():
         meta = json.loads(sample["json"])
@@ -400,3 +399,26 @@ def test_cli_builds_the_demo(tmp_path):
     m = json.loads((out / "mixed_rand" / "manifest.json").read_text())
     assert m["source"]["kind"] == "demo" and m["totals"]["samples"] > 0
     assert f"mixed_rand: {m['totals']['samples']} samples" in result.stdout
+
+
+# --------------------------------------------------------------------------- versioning
+
+
+def test_a_builder_version_bump_rebuilds_instead_of_keeping_stale_shards(tree, tmp_path, monkeypatch):
+    """A rerun after code that changes pixels must not keep shards written by the older code (TFDS habit)."""
+    import builders.version
+
+    out = tmp_path / "out"
+    first = run_build(tree, out, "--variant", "original")["original"]
+    assert first.builder_version == builders.version.BUILDER_VERSION
+    assert builders.version.BUILDER_VERSION in builders.version.RELEASE_NOTES
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "original").glob("*.tar")}
+    again = run_build(tree, out, "--variant", "original")["original"]  # same code: every shard is kept
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "original").glob("*.tar")} == stamps
+    assert again == first
+    monkeypatch.setattr(builders.version, "BUILDER_VERSION", "99.0.0")
+    bumped = run_build(tree, out, "--variant", "original")["original"]
+    rewritten = {p.name: p.stat().st_mtime_ns for p in (out / "original").glob("*.tar")}
+    assert all(rewritten[name] != stamp for name, stamp in stamps.items())  # every shard rebuilt
+    assert bumped.builder_version == "99.0.0" and bumped.config["builder_version"] == "99.0.0"
+    assert bumped.config_hash != first.config_hash

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -148,9 +149,13 @@ def test_prediction_categories_known_counts():
     cats = M.prediction_categories(o, m, b)
     assert cats.n == 30
     assert cats.counts == {"bg_required": 3, "bg_fools": 2, "bg_fg_required": 4, "bg_fg_fools": 1, "bg_irrelevant": 20}
-    assert cats.other == 0
+    assert sum(cats.counts.values()) == cats.n  # the five categories partition the images
     assert cats.fractions["bg_irrelevant"] == pytest.approx(20 / 30)
     assert sum(cats.fractions.values()) == pytest.approx(1.0)
+    # share = fraction with its Wilson interval; 0 of 30 for an empty category
+    share = cats.share("bg_fg_fools")
+    assert (share.value, share.n) == pytest.approx((1 / 30, 30))
+    assert (share.lo, share.hi) == pytest.approx(M.wilson_interval(1, 30))
 
 
 def test_linear_trend_hand_computed():
@@ -193,3 +198,57 @@ def test_paired_invariance_uses_shared_keys_only():
     _, (c, v) = M.join_by_key((clean_keys, clean), (var_keys, var))
     inv = M.background_invariance(c, v)
     assert (inv.clean.value, inv.acc.value, inv.drop, inv.ratio) == pytest.approx((0.75, 0.375, 0.375, 0.5))
+
+
+# Two-sided 95% Student-t critical values, from any printed t table.
+T_TABLE_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 10: 2.228, 30: 2.042}
+
+
+@pytest.mark.parametrize("df", sorted(T_TABLE_95))
+def test_t_critical_matches_the_t_table(df):
+    assert M.t_critical(0.95, df) == pytest.approx(T_TABLE_95[df], abs=6e-4)
+
+
+def test_t_critical_limits():
+    assert M.t_critical(0.99, 1) == pytest.approx(63.657, abs=1e-3)
+    assert M.t_critical(0.95, 100_000) == pytest.approx(1.95996, abs=1e-4)  # -> the normal quantile
+    with pytest.raises(ValueError):
+        M.t_critical(0.95, 0)
+
+
+def test_linear_fit_band_hand_computed():
+    # x = 1,2,3; y = 2,4,7: fit = 2.5 x - 2/3 -> 1.8333, 4.3333, 6.8333; residuals 1/6, -1/3, 1/6;
+    # SSE = 1/36 + 1/9 + 1/36 = 1/6, s = sqrt(SSE / (n - 2)) = .408248, sxx = 2, t(.95, df 1) = 12.7062.
+    # x0 = 2: half = 12.7062 * .408248 * sqrt(1/3) = 2.99490; x0 = 1: * sqrt(1/3 + 1/2) -> 4.73533.
+    fit, lower, upper = M.linear_fit_band([1, 2, 3], [2, 4, 7], [1, 2])
+    assert fit == pytest.approx([11 / 6, 13 / 3])
+    assert upper - fit == pytest.approx([4.73533, 2.99490], abs=1e-4)
+    assert fit - lower == pytest.approx(upper - fit)
+    assert M.linear_fit_band([1, 2], [2, 4], [1, 2]) is None  # no degrees of freedom left
+    assert M.linear_fit_band([2, 2, 2], [1, 2, 3], [2]) is None
+
+
+def test_influence_above_chance_interval_shifts_by_chance():
+    # 4 of 10 right with no foreground, 9 classes: .4 - 1/9 = .288889, interval Wilson(4, 10) - 1/9.
+    correct = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0], dtype=bool)
+    value = M.METRIC_BY_NAME["influence_above_chance"].values(M.background_influence(correct, 9))[""]
+    assert value.value == pytest.approx(0.4 - 1 / 9)
+    assert (value.lo, value.hi) == pytest.approx((WILSON_10[4][0] - 1 / 9, WILSON_10[4][1] - 1 / 9), abs=2e-6)
+
+
+def test_metric_table_is_consistent():
+    """Every METRICS row names a group, reads real variants, and has a unique name the CSV can carry."""
+    from pipeline.variants import VARIANTS
+
+    names = [m.name for m in M.METRICS]
+    assert len(set(names)) == len(names)
+    groups = {g.name for g in M.GROUPS}
+    for m in M.METRICS:
+        assert m.group in groups, m.name
+        assert set(m.per_variant) | set(m.reads_also) <= set(VARIANTS), m.name
+        assert m.per_variant or m.reads_also, m.name
+        assert m.unit in ("fraction", "difference", "ratio") and m.formula, m.name
+        assert re.fullmatch(r"[a-z][a-z0-9_]*", m.name), m.name
+    for anchor in M.PUBLISHED:
+        metric = M.METRIC_BY_NAME[anchor.metric]
+        assert anchor.variant in metric.per_variant or (not anchor.variant and not metric.per_variant)

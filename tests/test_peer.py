@@ -65,9 +65,7 @@ def timm_predictions(
 @pytest.fixture(scope="module")
 def demo_original(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("peer")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BGCHECK_CACHE", str(root / "cache"))
-        assert make_shards.main(["--variant", "original", "--out", str(root / "shards"), "--no-progress"]) == 0
+    assert make_shards.main(["--variant", "original", "--out", str(root / "shards"), "--no-progress"]) == 0
     return root / "shards" / "original"
 
 

@@ -208,6 +208,65 @@ def test_decompression_bomb(monkeypatch, limit_ours, limit_pil):
     assert err.value.reason == "decompression_bomb"
 
 
+def test_one_pixel_limit_refuses_by_the_header_below_pils_own():
+    from tests.bad_inputs import png_header_only
+
+    assert 8193 * 8192 < Image.MAX_IMAGE_PIXELS  # PIL alone would open it
+    with pytest.raises(RejectedInput) as err:
+        decode_rgb(png_header_only(8193, 8192))  # a few bytes claiming 67 Mpx
+    assert err.value.reason == "decompression_bomb" and "8193x8192" in err.value.detail
+
+
+def test_gif_named_jpg_is_refused_with_a_stable_one_line_detail():
+    data = encode(np.zeros((16, 16, 3), np.uint8), "GIF")
+    details = set()
+    for _ in range(2):
+        with pytest.raises(RejectedInput) as err:
+            decode_rgb(data)
+        assert err.value.reason == "undecodable_image"
+        details.add(err.value.detail)
+    (detail,) = details  # no memory address: the same on every run
+    assert detail == "GIF data, not JPEG or PNG"
+
+
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n"
+       b"newpath 0 0 moveto 16 0 lineto 16 16 lineto closepath fill\nshowpage\n%%EOF\n")
+
+
+def test_postscript_named_jpg_never_reaches_ghostscript(monkeypatch):
+    from PIL import EpsImagePlugin
+
+    seen = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: seen.append("gs") or None)
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: seen.append("eps") or None)
+    for formats in (decode.SOURCE_FORMATS, decode.TEXTURE_FORMATS, decode.SHARD_FORMATS, decode.MASK_FORMATS):
+        with pytest.raises(RejectedInput) as err:
+            decode.open_image(EPS, formats=formats)
+        assert err.value.reason == "undecodable_image" and "PostScript" in err.value.detail
+    with pytest.raises(RejectedInput):
+        decode_rgb(EPS)
+    assert seen == []  # PIL's EPS plugin never even looked at the bytes
+
+
+def test_rejection_detail_never_quotes_the_file():
+    secret = b"token=hunter2\n"
+    with pytest.raises(RejectedInput) as err:
+        decode_rgb(secret)
+    assert err.value.detail == "not a JPEG or PNG image"
+    assert secret.hex()[:8] not in err.value.detail and "hunter" not in err.value.detail
+
+
+def test_each_context_decodes_only_its_formats():
+    webp = encode(np.full((16, 16, 3), 90, np.uint8), "WEBP")
+    arr, *_ = decode_rgb(webp, formats=decode.TEXTURE_FORMATS)
+    assert arr.shape == (16, 16, 3)
+    with pytest.raises(RejectedInput) as err:
+        decode_rgb(webp)  # not a source format: ImageNet inputs are JPEG or PNG
+    assert err.value.detail == "WEBP data, not JPEG or PNG"
+    with pytest.raises(RejectedInput):
+        decode.open_image(encode(np.zeros((8, 8, 3), np.uint8), "JPEG"), formats=decode.MASK_FORMATS)
+
+
 def test_jpeg_draft_decode_is_smaller_and_frames_the_same():
     box = (300, 160, 500, 420)
     arr = scene(800, 600, box)
@@ -325,6 +384,88 @@ def test_segmentation_mask_frames_like_the_box(kind: str, orientation):
     assert not ((fg != box) & ~rim).any()  # differences only on the box edge
 
 
+class NativeCalls:
+    """Stands in for pycocotools' C entry points: records each call and refuses it, so no test can hang in C."""
+
+    def __init__(self, monkeypatch):
+        from pycocotools import mask as mask_utils
+
+        self.calls: list[str] = []
+        for name in ("frPyObjects", "decode", "merge"):
+            monkeypatch.setattr(mask_utils, name, self._refuse(name))
+
+    def _refuse(self, name):
+        def refuse(*args, **kwargs):
+            self.calls.append(name)
+            raise RuntimeError(f"pycocotools.mask.{name} called")
+
+        return refuse
+
+
+@pytest.mark.parametrize(
+    ("seg", "reason"),
+    [
+        (Segmentation("polygons", [[5.0, 5.0, 2e9, 5.0, 15.0, 15.0]]), "bad_segmentation"),
+        (Segmentation("polygons", [[5.0, 5.0, float("nan"), 5.0, 15.0, 15.0]]), "bad_segmentation"),
+        (Segmentation("polygons", [[5.0, 5.0, 42.0, 5.0, 15.0, 15.0]]), "bad_segmentation"),
+        (Segmentation("polygons", "not polygons"), "bad_segmentation"),
+        (Segmentation("rle", {"size": [40000, 40000], "counts": [40000 * 40000]}), "mask_size_mismatch"),
+        (Segmentation("rle", {"size": [30, 40], "counts": [1000]}), "bad_segmentation"),
+        (Segmentation("rle", {"size": [30, 40], "counts": "\x7f!"}), "bad_segmentation"),
+        (Segmentation("rle", [{"size": [30, 40], "counts": [1200]}, {"size": [30, 41], "counts": [1230]}]),
+         "mask_size_mismatch"),
+    ],
+)
+def test_segmentation_mask_checks_geometry_before_pycocotools(monkeypatch, seg, reason):
+    """A record may come from a hand-written reader: the builder checks again before any native call."""
+    native = NativeCalls(monkeypatch)
+    with pytest.raises(RejectedInput) as err:
+        segmentation_mask(seg, (40, 30))
+    assert err.value.reason == reason
+    assert native.calls == []
+
+
+def _imagenet_s_png(ids: np.ndarray) -> bytes:
+    rgb = np.zeros((*ids.shape, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1] = ids % 256, ids // 256
+    return encode(rgb, "PNG")
+
+
+def test_png_segmentation_reads_imagenet_s_class_ids():
+    from pipeline.masks import PngMask
+
+    ids = np.zeros((30, 40), np.int64)
+    ids[5:10, 5:15] = 5
+    ids[20:25, 30:38] = 7
+    ids[:, :2] = 1000  # ignored
+    data = _imagenet_s_png(ids)
+    anything = segmentation_mask(Segmentation("png", "mask.png"), (40, 30), data)
+    np.testing.assert_array_equal(anything, (ids == 5) | (ids == 7))  # ignored pixels are no foreground
+    own = segmentation_mask(Segmentation("png", PngMask("mask.png", (5,))), (40, 30), data)
+    np.testing.assert_array_equal(own, ids == 5)
+    gray = np.zeros((30, 40), np.uint8)
+    gray[3:9, 4:6] = 1  # single-channel masks: non-zero is foreground
+    np.testing.assert_array_equal(segmentation_mask(Segmentation("png", "m.png"), (40, 30), encode(gray)), gray > 0)
+    white = np.zeros((30, 40, 3), np.uint8)
+    white[3:9, 4:6] = 255
+    with pytest.raises(RejectedInput) as err:
+        segmentation_mask(Segmentation("png", "m.png"), (40, 30), encode(white))
+    assert err.value.reason == "bad_segmentation" and "single-channel" in err.value.detail
+    with pytest.raises(RejectedInput) as err:
+        segmentation_mask(Segmentation("png", "m.png"), (40, 30), encode(white, "JPEG"))
+    assert err.value.reason == "bad_segmentation"  # a mask is a PNG
+
+
+@pytest.mark.timeout(60)
+def test_png_segmentation_file_must_be_a_regular_file(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "mask.png")
+    with pytest.raises(RejectedInput) as err:
+        segmentation_mask(Segmentation("png", str(tmp_path / "mask.png")), (40, 30))
+    assert (err.value.reason, err.value.detail) == ("bad_segmentation", "mask PNG: not a regular file")
+
+
 def test_framed_png_mask_nearest_stays_binary():
     mask = np.zeros((300, 400), bool)
     mask[100:200, 150:250] = True
@@ -383,7 +524,7 @@ def test_prepare_sample_reports_selection_failures():
 
 
 def test_demo_records(tmp_path: Path, monkeypatch):
-    from pipeline.demo import read_demo
+    from pipeline.sources.demo import read_demo
 
     monkeypatch.setenv("BGCHECK_CACHE", str(tmp_path / "cache"))
     records = list(read_demo())
@@ -458,3 +599,29 @@ def test_variants_figure_script(tmp_path: Path):
         assert im.size[0] >= 3 * 224 and im.size[1] >= 3 * 224
     assert out.stat().st_size < 400_000
     assert module.main(["--key", "no_such_image", "--out", str(out), "--cache", str(tmp_path / "cache")]) == 2
+
+
+# ---------------------------------------------------------------- regular files only
+
+
+@pytest.mark.timeout(60)
+def test_open_regular_refuses_fifos_and_devices_without_blocking(tmp_path):
+    import os
+
+    from pipeline.files import NotRegularFile, open_regular, read_regular
+
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "zero").symlink_to("/dev/zero")  # would read forever
+    for name in ("fifo", "zero"):
+        with pytest.raises(NotRegularFile) as err:
+            open_regular(tmp_path / name)
+        assert str(err.value) == "not a regular file"  # no local path: details are shared
+    with pytest.raises(NotRegularFile):
+        open_regular(tmp_path)
+    (tmp_path / "real").write_bytes(b"abc")
+    (tmp_path / "link").symlink_to(tmp_path / "real")  # symlink farms are fine
+    with open_regular(tmp_path / "link") as fh:
+        assert os.get_blocking(fh.fileno()) and fh.read() == b"abc"
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    with pytest.raises(FileNotFoundError):
+        read_regular(tmp_path / "dangling")

@@ -9,6 +9,7 @@ file under a final name and resumes to the bytes of an uninterrupted build.
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import json
 import os
@@ -22,10 +23,19 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from builders.config import ConfigError
 from builders.make_shards import build, main, parse_args
 from builders.verify import verify
 from pipeline.shard_format import MANIFEST_NAME, REJECTED_NAME
-from tests.bad_inputs import INSIDE, OUTSIDE, Corpus, make_bad_coco, make_bad_mask_dir, make_bad_val_tree
+from tests.bad_inputs import (
+    INSIDE,
+    OUTSIDE,
+    SECRET,
+    Corpus,
+    make_bad_coco,
+    make_bad_mask_dir,
+    make_bad_val_tree,
+)
 from tests.shard_fixtures import read_samples
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +45,7 @@ FRAME = ["--size", "32", "--resize", "40", "--shard-size", "4", "--no-progress"]
 CENTRE, CORNER, LEFT = (16, 16), (1, 1), (1, 16)
 
 # Imported at start-up by the killed build and by each of its worker processes (PYTHONPATH):
-# counts TarWriter.add calls or completed shards in a shared file and SIGKILLs the whole
+# counts tar members written or completed shards in a shared file and SIGKILLs the whole
 # process group at the N-th, so workers and their parent die together like a killed job.
 KILL_HOOK = '''
 import os
@@ -53,13 +63,15 @@ if _spec:
             os.killpg(os.getpgid(0), signal.SIGKILL)
 
     if _what == "add":
-        _add = _shards.TarWriter.add
+        import tarfile
 
-        def add(self, name, data):
+        _add = tarfile.TarFile.addfile
+
+        def add(self, tarinfo, fileobj=None):
             _tick()
-            return _add(self, name, data)
+            return _add(self, tarinfo, fileobj)
 
-        _shards.TarWriter.add = add
+        tarfile.TarFile.addfile = add
     else:
         _record = _shards.write_completion
 
@@ -69,13 +81,6 @@ if _spec:
 
         _shards.write_completion = write_completion
 '''
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cache_in_tmp(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BGCHECK_CACHE", str(tmp_path_factory.mktemp("bgcheck-cache")))
-        yield
 
 
 def build_args(corpus: Corpus, out: Path, *extra: str, source: str = "imagenet-val") -> list[str]:
@@ -138,15 +143,22 @@ def reference(corpus, tmp_path_factory) -> Path:
 # --------------------------------------------------------------------------- bad inputs
 
 
+def rejected_rows(folder: Path) -> list[dict]:
+    """The variant's rejected.jsonl, one dict per rejected input."""
+    return [json.loads(line) for line in (folder / REJECTED_NAME).read_text().splitlines()]
+
+
 def test_every_input_is_built_or_rejected_with_its_reason(corpus, reference):
     for variant in VARIANTS:
         folder = reference / variant
         manifest = json.loads((folder / MANIFEST_NAME).read_text())
-        rejected_lines = [json.loads(line) for line in (folder / REJECTED_NAME).read_text().splitlines()]
-        assert rejected_lines == manifest["rejected"]
+        raw = (folder / REJECTED_NAME).read_bytes()
+        rejected_lines = [json.loads(line) for line in raw.splitlines()]
+        assert manifest["rejected"] == {"name": REJECTED_NAME, "count": len(rejected_lines),
+                                        "sha256": hashlib.sha256(raw).hexdigest()}
         built = set(read_samples(folder))
-        rejected = {r["key"]: r for r in manifest["rejected"]}
-        assert len(rejected) == len(manifest["rejected"]), "a key rejected twice"
+        rejected = {r["key"]: r for r in rejected_lines}
+        assert len(rejected) == len(rejected_lines), "a key rejected twice"
         assert not built & set(rejected), built & set(rejected)
         assert built | set(rejected) == set(corpus.expected)  # accepted + rejected = inputs, by key
         totals = manifest["totals"]
@@ -168,8 +180,22 @@ def test_every_input_is_built_or_rejected_with_its_reason(corpus, reference):
                     assert rejected[key]["reason"] == reason, key
                 elif key in rejected:
                     assert rejected[key]["reason"] == "no_partner" and "truncated" in rejected[key]["detail"]
-    bomb = next(r for r in manifest["rejected"] if r["key"] == "bomb")
+    bomb = next(r for r in rejected_lines if r["key"] == "bomb")
     assert "900000000 pixels" in bomb["detail"]  # refused by its header's size, never decoded
+
+
+def test_rejections_name_no_local_path_and_quote_no_file(corpus, reference):
+    """A shared build tells where nothing lived and what no file said: details are relative and byte-free."""
+    for variant in VARIANTS:
+        text = (reference / variant / REJECTED_NAME).read_text()
+        rows = {r["key"]: r for r in map(json.loads, text.splitlines())}
+        assert str(corpus.images.parent) not in text and "tmp" not in text, text
+        assert SECRET[:8].hex() not in text and "hunter2" not in text
+        assert rows["text_symlink"]["detail"] == "not a JPEG or PNG image"
+        assert rows["gif_named_jpeg"]["detail"] == "GIF data, not JPEG or PNG"  # one line, no memory address
+        assert rows["postscript"]["detail"] == "PostScript data, not JPEG or PNG"
+        assert rows["zero_bytes"]["detail"] == "zero_bytes.JPEG: 0 bytes"
+        assert rows["xml_only"]["detail"] == "no image for val/xml_only.xml"
 
 
 def test_odd_but_readable_images_become_the_right_rgb(corpus, reference):
@@ -203,14 +229,14 @@ def test_broken_segmentations_are_rejected_with_their_reason(source, make, tmp_p
     config, _ = parse_args(build_args(corpus, tmp_path / "out", "--variant", "original", "--mask", "segm",
                                       "--with-masks", source=source))
     manifest = build(config, progress=False)["original"]
-    rejected = {r["key"]: r["reason"] for r in manifest["rejected"]}
+    rejected = {r["key"]: r["reason"] for r in rejected_rows(tmp_path / "out" / "original")}
     assert rejected == {k: reason for k, reason in corpus.expected.items() if reason is not None}
     samples = read_samples(tmp_path / "out" / "original")
     assert set(samples) == corpus.built
     for sample in samples.values():
         mask = np.asarray(Image.open(io.BytesIO(sample["mask.png"])))
         assert mask.shape == (32, 32) and 0 < (mask > 0).mean() < 1
-    assert manifest["totals"]["samples"] + manifest["totals"]["rejected"] == len(corpus.expected)
+    assert manifest.totals.samples + manifest.totals.rejected == len(corpus.expected)
 
 
 def test_decompression_bomb_limit_is_enforced_before_decoding(corpus, tmp_path, monkeypatch):
@@ -222,10 +248,10 @@ def test_decompression_bomb_limit_is_enforced_before_decoding(corpus, tmp_path, 
     real_load = Image.Image.load
     monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self.size) or real_load(self))
     config, _ = parse_args(build_args(corpus, tmp_path / "out", "--variant", "original"))
-    manifest = build(config, progress=False)["original"]
-    bombs = {r["key"] for r in manifest["rejected"] if r["reason"] == "decompression_bomb"}
+    with pytest.raises(ConfigError, match="no sample accepted for original"):  # every image is >= 48x48 pixels
+        build(config, progress=False)
+    bombs = {r["key"] for r in rejected_rows(tmp_path / "out" / "original") if r["reason"] == "decompression_bomb"}
     assert {"cmyk", "palette", "bomb", "ILSVRC2012_val_00000001"} <= bombs
-    assert manifest["totals"]["samples"] == 0  # every remaining image is >= 48x48 pixels
     assert not [s for s in decoded if s[0] * s[1] >= 48 * 48]
 
 

@@ -7,7 +7,6 @@ predictions; a shard that is not the one its manifest describes is refused.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
@@ -22,12 +21,12 @@ import numpy as np
 import pytest
 
 from builders.make_shards import build, parse_args
-from eval import score
 from eval.predictions import predictions_path, read_predictions
 from pipeline.shard_format import MANIFEST_NAME
 from tests.bad_inputs import make_bad_val_tree, png_header_only
+from tests.helpers import read_scores, score_cli
 from tests.shard_fixtures import read_members, tar_bytes
-from tests.test_score import install_tiny_zoo
+from tests.tiny_zoo import tiny_zoo_registered
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("original", "mixed_rand")
@@ -39,28 +38,22 @@ DAMAGED = "original-000001.tar"
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
     """The bad-input corpus built into shards (32 px frames, 4 inputs per shard)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BGCHECK_CACHE", str(tmp_path_factory.mktemp("bgcheck-cache")))
-        corpus = make_bad_val_tree(tmp_path_factory.mktemp("bad-src"))
-        out = tmp_path_factory.mktemp("built")
-        config, _ = parse_args(["--source", "imagenet-val", "--images", str(corpus.images), "--annotations",
-                                str(corpus.annotations), "--out", str(out), "--variant", ",".join(VARIANTS),
-                                "--size", "32", "--resize", "40", "--shard-size", "4", "--no-progress"])
-        build(config, progress=False)
+    corpus = make_bad_val_tree(tmp_path_factory.mktemp("bad-src"))
+    out = tmp_path_factory.mktemp("built")
+    config, _ = parse_args(["--source", "imagenet-val", "--images", str(corpus.images), "--annotations",
+                            str(corpus.annotations), "--out", str(out), "--variant", ",".join(VARIANTS),
+                            "--size", "32", "--resize", "40", "--shard-size", "4", "--no-progress"])
+    build(config, progress=False)
     return out
 
 
 @pytest.fixture(autouse=True)
-def tiny_zoo(monkeypatch):
-    install_tiny_zoo(monkeypatch.setattr)
+def _tiny_zoo(tiny_zoo):
+    """Every test here scores the tiny rows (tests/tiny_zoo.py)."""
 
 
 def spec_args(root: Path) -> list[str]:
     return [a for v in VARIANTS for a in ("--shards", str(root / v / MANIFEST_NAME))]
-
-
-def run_cli(*argv) -> int:
-    return score.main([str(a) for a in argv])
 
 
 def predictions(out: Path) -> dict[tuple[str, str], list[tuple]]:
@@ -74,17 +67,11 @@ def predictions(out: Path) -> dict[tuple[str, str], list[tuple]]:
     return found
 
 
-def read_scores(out: Path) -> dict[tuple[str, str], dict[str, str]]:
-    with open(out / score.SCORES_NAME, newline="") as fh:
-        return {(r["model"], r["variant"]): r for r in csv.DictReader(fh)}
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(built, tmp_path_factory) -> dict:
-    with pytest.MonkeyPatch.context() as mp:
-        install_tiny_zoo(mp.setattr)
+    with tiny_zoo_registered():
         out = tmp_path_factory.mktemp("uninterrupted")
-        assert run_cli(*spec_args(built), "--out", out, *BASE) == 0
+        assert score_cli(*spec_args(built), "--out", out, *BASE) == 0
     preds = predictions(out)
     assert all(preds.values())
     return preds
@@ -154,7 +141,7 @@ def test_damaged_shard_is_an_error_naming_shard_and_key_or_a_skip_count(built, t
     key, lost = damage(root / "original", defect)
     out = tmp_path / "out"
     args = ["--shards", root / "original", "--out", out, *BASE]
-    assert run_cli(*args) == 2
+    assert score_cli(*args) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("error:"), err
     assert DAMAGED in err, err
@@ -163,7 +150,18 @@ def test_damaged_shard_is_an_error_naming_shard_and_key_or_a_skip_count(built, t
         assert "900000000 pixels" in err and "exceeds" in err
     assert not predictions_path(out, "tiny_a", "original").exists()
 
-    assert run_cli(*args, "--on-error", "skip") == 0
+    if defect.startswith("truncated_tar"):
+        # a cut transfer cannot be verified: it contributes nothing whatever --on-error says, and a rerun
+        # once the shard is whole again scores it like any other
+        assert score_cli(*args, "--on-error", "skip") == 2
+        assert DAMAGED in capsys.readouterr().err
+        assert not predictions_path(out, "tiny_a", "original").exists()
+        shutil.copy(built / "original" / DAMAGED, root / "original" / DAMAGED)
+        assert score_cli(*args) == 0
+        rows = read_scores(out)
+        assert all(int(rows[(m, "original")]["n"]) == original["totals"]["samples"] for m in MODELS.split(","))
+        return
+    assert score_cli(*args, "--on-error", "skip") == 0
     rows = read_scores(out)
     for model in MODELS.split(","):
         row = rows[(model, "original")]
@@ -179,9 +177,9 @@ def test_damaged_shard_is_an_error_naming_shard_and_key_or_a_skip_count(built, t
 LAUNCHER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-from tests.test_score import install_tiny_zoo
+from tests.tiny_zoo import install_tiny_zoo
 install_tiny_zoo()
-from eval import score, stream
+from eval import decode as eval_decode, score
 
 what, limit = sys.argv[1], int(sys.argv[2])
 seen = [0]
@@ -194,11 +192,11 @@ def tick(*_):
 if what == "shards":
     score.after_shard_hook = tick
 else:
-    decode = stream.decode_image
+    decode = eval_decode.decode_image
     def counting(data):
         tick()
         return decode(data)
-    stream.decode_image = counting
+    eval_decode.decode_image = counting
 sys.exit(score.main(sys.argv[3:]))
 """
 
@@ -216,7 +214,7 @@ def test_killed_evaluator_resumes_to_the_same_predictions(built, uninterrupted, 
     parts = list(out.glob("predictions/*/.parts/*.json"))
     assert len(parts) == (2 * (limit - 1) + 2 if what == "shards" else 2)  # every model, per committed shard
     assert not list(out.glob("predictions/*/*.csv"))
-    assert run_cli(*argv) == 0
+    assert score_cli(*argv) == 0
     assert predictions(out) == uninterrupted
     assert not list(out.glob("predictions/*/.parts/*"))
 
@@ -229,12 +227,12 @@ def test_shard_edited_after_its_manifest_is_refused_unless_no_verify(built, unin
     path.write_bytes(tar_bytes(edited))  # same sample count, different bytes; manifest untouched
     out = tmp_path / "out"
     args = [*spec_args(root), "--out", out, *BASE]
-    assert run_cli(*args) == 2
+    assert score_cli(*args) == 2
     err = capsys.readouterr().err
     assert "mixed_rand-000000.tar" in err and ("sha256" in err or "bytes" in err), err
     assert not predictions_path(out, "tiny_a", "mixed_rand").exists()
 
-    assert run_cli(*args, "--no-verify") == 0
+    assert score_cli(*args, "--no-verify") == 0
     err = capsys.readouterr().err
     assert "WARNING" in err and "--no-verify" in err
     got = predictions(out)

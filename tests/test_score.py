@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,66 +15,22 @@ import pytest
 import torch
 from PIL import Image
 
-from eval import score, stream, zoo
+from eval import decode, score, zoo
 from eval.predictions import predictions_path, read_predictions
 from pipeline.classes import in9_mapping
 from pipeline.shard_format import MANIFEST_NAME
+from tests.helpers import free_port, read_scores, score_cli
 from tests.shard_fixtures import read_members, write_tar, write_variant
+from tests.tiny_zoo import tiny_zoo_registered
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = "tiny_a,tiny_b"  # test registry rows below; decisive logits, so predictions differ per image
 BASE = ["--random-weights", "--device", "cpu", "--workers", "0", "--batch-size", "2"]
 
 
-class TinyNet(torch.nn.Module):
-    """A few thousand parameters, initialised from the model id so every process builds the same net."""
-
-    def __init__(self, seed: int) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2)
-        self.pool = torch.nn.AdaptiveAvgPool2d(4)
-        self.head = torch.nn.Linear(8 * 16, 1000)
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(torch.relu(self.conv(x))).flatten(1))
-
-
-def tiny_specs() -> dict[str, zoo.ModelSpec]:
-    import dataclasses
-
-    base = zoo.resolve_models("mobilenet_v3_small")[0]
-    return {
-        "tiny_a": dataclasses.replace(base, id="tiny_a", arch="tiny", input_size=48, interpolation="bicubic"),
-        "tiny_b": dataclasses.replace(base, id="tiny_b", arch="tiny", input_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
-    }
-
-
-def install_tiny_zoo(setattr_=setattr) -> None:
-    """Add the tiny rows to the zoo (other ids still resolve through the real registry)."""
-    real_resolve, real_build, tiny = zoo.resolve_models, zoo.build_model, tiny_specs()
-
-    def resolve_models(spec):
-        ids = [t.strip() for t in (spec or "").split(",") if t.strip()]
-        if not any(i in tiny for i in ids):
-            return real_resolve(spec)
-        return [tiny[i] if i in tiny else real_resolve(i)[0] for i in ids]
-
-    def build_model(spec, weights_dir=None, pretrained=True, device="cpu"):
-        if spec.id in tiny:
-            return TinyNet(zlib.crc32(spec.id.encode())).to(device).eval()
-        return real_build(spec, weights_dir=weights_dir, pretrained=pretrained, device=device)
-
-    setattr_(zoo, "resolve_models", resolve_models)
-    setattr_(zoo, "build_model", build_model)
-
-
 @pytest.fixture(autouse=True)
-def tiny_zoo(monkeypatch):
-    install_tiny_zoo(monkeypatch.setattr)
+def _tiny_zoo(tiny_zoo):
+    """Every test here sees the tiny rows (tests/tiny_zoo.py) beside the real registry."""
 
 
 @pytest.fixture
@@ -89,17 +42,13 @@ def shards(tmp_path) -> Path:
     return root
 
 
-def run_cli(*argv: str) -> int:
-    return score.main([str(a) for a in argv])
-
-
 def spec_args(root: Path) -> list[str]:
     return ["--shards", str(root / "original"), "--shards", str(root / "mixed_rand")]
 
 
-def read_scores(out: Path) -> list[dict[str, str]]:
-    with open(out / score.SCORES_NAME, newline="") as fh:
-        return list(csv.DictReader(fh))
+def scores_rows(out: Path) -> list[dict[str, str]]:
+    """scores.csv rows in file order (sorted by model, variant)."""
+    return list(read_scores(out).values())
 
 
 def all_predictions(out: Path) -> dict[tuple[str, str], list[tuple]]:
@@ -116,16 +65,12 @@ def all_predictions(out: Path) -> dict[tuple[str, str], list[tuple]]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> tuple[Path, dict]:
     """An uninterrupted single-process run that other tests compare against."""
-    mp = pytest.MonkeyPatch()
-    install_tiny_zoo(mp.setattr)
     root = tmp_path_factory.mktemp("ref") / "shards"
     write_variant(root, "original", n_samples=5, per_shard=3, seed=1)
     write_variant(root, "mixed_rand", n_samples=3, per_shard=3, seed=2)
     out = root.parent / "out"
-    try:
-        assert run_cli(*spec_args(root), "--models", MODELS, "--out", out, *BASE) == 0
-    finally:
-        mp.undo()
+    with tiny_zoo_registered():
+        assert score_cli(*spec_args(root), "--models", MODELS, "--out", out, *BASE) == 0
     preds = all_predictions(out)
     assert len({row[2] for rows in preds.values() for row in rows}) > 3  # predictions depend on the image
     return out, preds
@@ -133,7 +78,7 @@ def reference(tmp_path_factory) -> tuple[Path, dict]:
 
 def test_scores_and_predictions_per_model_and_variant(reference):
     out, preds = reference
-    rows = read_scores(out)
+    rows = scores_rows(out)
     assert [(r["model"], r["variant"]) for r in rows] == sorted(preds)
     for row in rows:
         got = preds[(row["model"], row["variant"])]
@@ -156,14 +101,14 @@ def test_scores_and_predictions_per_model_and_variant(reference):
 
 def test_decode_once_for_several_models(shards, tmp_path, monkeypatch):
     calls = []
-    real = stream.decode_image
+    real = decode.decode_image
 
     def counting(data):
         calls.append(len(data))
         return real(data)
 
-    monkeypatch.setattr(stream, "decode_image", counting)
-    assert run_cli(*spec_args(shards), "--models", MODELS, "--out", tmp_path / "out", *BASE) == 0
+    monkeypatch.setattr(decode, "decode_image", counting)
+    assert score_cli(*spec_args(shards), "--models", MODELS, "--out", tmp_path / "out", *BASE) == 0
     assert len(calls) == 8  # 5 + 3 samples, two models
 
 
@@ -181,29 +126,29 @@ def test_resume_after_kill_matches_uninterrupted_run(reference, shards, tmp_path
 
     monkeypatch.setattr(score, "after_shard_hook", die_after_first)
     with pytest.raises(Killed):
-        run_cli(*spec_args(shards), "--models", MODELS, "--out", out, *BASE)
+        score_cli(*spec_args(shards), "--models", MODELS, "--out", out, *BASE)
     assert len(list(out.glob("predictions/*/.parts/*.json"))) == 2  # first shard, both models
     assert not list(out.glob("predictions/*/*.csv"))
 
     monkeypatch.setattr(score, "after_shard_hook", None)
     calls = []
-    real = stream.decode_image
-    monkeypatch.setattr(stream, "decode_image", lambda data: calls.append(1) or real(data))
-    assert run_cli(*spec_args(shards), "--models", MODELS, "--out", out, *BASE) == 0
+    real = decode.decode_image
+    monkeypatch.setattr(decode, "decode_image", lambda data: calls.append(1) or real(data))
+    assert score_cli(*spec_args(shards), "--models", MODELS, "--out", out, *BASE) == 0
     assert len(calls) == 8 - 3  # the committed shard is not read again
     assert all_predictions(out) == reference[1]
 
     calls.clear()
-    assert run_cli(*spec_args(shards), "--models", MODELS, "--out", out, *BASE) == 0
+    assert score_cli(*spec_args(shards), "--models", MODELS, "--out", out, *BASE) == 0
     assert calls == []  # every (model, variant) complete: nothing to read
-    assert len(read_scores(out)) == 4
+    assert len(scores_rows(out)) == 4
 
 
 def test_new_model_on_complete_results_scores_only_that_model(reference, shards, tmp_path):
     out = tmp_path / "out"
-    assert run_cli(*spec_args(shards), "--models", "tiny_a", "--out", out, *BASE) == 0
+    assert score_cli(*spec_args(shards), "--models", "tiny_a", "--out", out, *BASE) == 0
     before = (predictions_path(out, "tiny_a", "original")).stat().st_mtime_ns
-    assert run_cli(*spec_args(shards), "--models", MODELS, "--out", out, *BASE) == 0
+    assert score_cli(*spec_args(shards), "--models", MODELS, "--out", out, *BASE) == 0
     assert (predictions_path(out, "tiny_a", "original")).stat().st_mtime_ns == before
     assert all_predictions(out) == reference[1]
 
@@ -213,7 +158,7 @@ def test_key_in_two_shards_is_an_exactly_once_error(tmp_path, capsys):
     write_variant(root, "original", n_samples=2, per_shard=2, key_prefix="a", manifest=False)
     other = write_variant(tmp_path / "more", "original", n_samples=2, per_shard=2, key_prefix="a", manifest=False)
     shutil.move(other / "original-000000.tar", root / "original" / "original-000001.tar")
-    rc = run_cli("--shards", root / "original", "--models", "tiny_b", "--out", tmp_path / "out", *BASE)
+    rc = score_cli("--shards", root / "original", "--models", "tiny_b", "--out", tmp_path / "out", *BASE)
     assert rc == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "a0000" in err and "twice" in err and "\n" not in err
@@ -225,7 +170,7 @@ def test_manifest_count_mismatch_is_an_error(shards, tmp_path, capsys):
     manifest["shards"][1]["count"] = 3
     manifest["totals"]["samples"] = 6
     manifest_file.write_text(json.dumps(manifest))
-    rc = run_cli(*spec_args(shards), "--models", "tiny_b", "--out", tmp_path / "out", *BASE)
+    rc = score_cli(*spec_args(shards), "--models", "tiny_b", "--out", tmp_path / "out", *BASE)
     assert rc == 2
     assert "original-000001.tar: read 2 samples, manifest says 3" in capsys.readouterr().err
 
@@ -236,11 +181,11 @@ def test_sha_mismatch_refused_unless_no_verify(shards, tmp_path, capsys):
     manifest["shards"][0]["sha256"] = "f" * 64
     manifest_file.write_text(json.dumps(manifest))
     args = [*spec_args(shards), "--models", "tiny_b", "--out", tmp_path / "out", *BASE]
-    assert run_cli(*args) == 2
+    assert score_cli(*args) == 2
     err = capsys.readouterr().err
     assert "mixed_rand-000000.tar" in err and "sha256" in err
     assert not predictions_path(tmp_path / "out", "tiny_b", "mixed_rand").exists()
-    assert run_cli(*args, "--no-verify") == 0
+    assert score_cli(*args, "--no-verify") == 0
     assert "WARNING" in capsys.readouterr().err
     assert predictions_path(tmp_path / "out", "tiny_b", "mixed_rand").exists()
 
@@ -254,11 +199,11 @@ def test_bad_shard_exit_2_or_skip_counted(tmp_path, capsys):
     manifest["shards"][0].update(sha256=sha, bytes=nbytes)
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
     args = ["--shards", folder, "--models", "tiny_b", "--out", tmp_path / "out", *BASE]
-    assert run_cli(*args) == 2
+    assert score_cli(*args) == 2
     err = capsys.readouterr().err.strip()
     assert "original-000000.tar" in err and "img0001" in err and ".cls" in err and "\n" not in err
-    assert run_cli(*args, "--on-error", "skip") == 0
-    (row,) = read_scores(tmp_path / "out")
+    assert score_cli(*args, "--on-error", "skip") == 0
+    (row,) = scores_rows(tmp_path / "out")
     assert row["n"] == "2" and row["skipped"] == "1"
 
 
@@ -267,51 +212,47 @@ def test_all_samples_skipped_still_gives_a_row(tmp_path):
     path = folder / "only_fg-000000.tar"
     write_tar(path, [m for m in read_members(path) if not m[0].endswith(".cls")])
     out = tmp_path / "out"
-    assert run_cli("--shards", folder, "--models", "tiny_b", "--on-error", "skip", "--out", out, *BASE) == 0
-    (row,) = read_scores(out)
+    assert score_cli("--shards", folder, "--models", "tiny_b", "--on-error", "skip", "--out", out, *BASE) == 0
+    (row,) = scores_rows(out)
     assert (row["variant"], row["n"], row["skipped"], row["top1"]) == ("only_fg", "0", "2", "")
 
 
 def test_limit_scores_at_most_n_per_shard(shards, tmp_path):
     out = tmp_path / "out"
-    assert run_cli(*spec_args(shards), "--models", "tiny_b", "--limit", "1", "--out", out, *BASE) == 0
-    assert {r["variant"]: r["n"] for r in read_scores(out)} == {"original": "2", "mixed_rand": "1"}
+    assert score_cli(*spec_args(shards), "--models", "tiny_b", "--limit", "1", "--out", out, *BASE) == 0
+    assert {r["variant"]: r["n"] for r in scores_rows(out)} == {"original": "2", "mixed_rand": "1"}
     # a full run afterwards rescoring everything (limited results are not reused)
-    assert run_cli(*spec_args(shards), "--models", "tiny_b", "--out", out, *BASE) == 0
-    assert {r["variant"]: r["n"] for r in read_scores(out)} == {"original": "5", "mixed_rand": "3"}
+    assert score_cli(*spec_args(shards), "--models", "tiny_b", "--out", out, *BASE) == 0
+    assert {r["variant"]: r["n"] for r in scores_rows(out)} == {"original": "5", "mixed_rand": "3"}
 
 
 def test_unknown_model_and_missing_weights_are_one_line_errors(shards, tmp_path, capsys):
     out = tmp_path / "out"
-    assert run_cli(*spec_args(shards), "--models", "mobilenet_v3_smal", "--out", out, "--device", "cpu") == 2
+    assert score_cli(*spec_args(shards), "--models", "mobilenet_v3_smal", "--out", out, "--device", "cpu") == 2
     err = capsys.readouterr().err.strip()
     assert "mobilenet_v3_small" in err and "\n" not in err
-    assert run_cli(*spec_args(shards), "--models", "squeezenet1_1", "--out", out, "--device", "cpu") == 2
+    assert score_cli(*spec_args(shards), "--models", "squeezenet1_1", "--out", out, "--device", "cpu") == 2
     err = capsys.readouterr().err.strip()
     assert "squeezenet1_1" in err and "--weights-dir" in err and "\n" not in err
-    rc = run_cli(*spec_args(shards), "--models", "squeezenet1_1", "--skip-unavailable", "--out", out, "--device", "cpu")
+    rc = score_cli(*spec_args(shards), "--models", "squeezenet1_1", "--skip-unavailable", "--out", out, "--device", "cpu")
     assert rc == 2 and "no model left" in capsys.readouterr().err
 
 
-def test_skip_unavailable_scores_the_rest(shards, tmp_path, monkeypatch):
-    tiny_build = zoo.build_model
+def test_skip_unavailable_scores_the_rest(shards, tmp_path, tiny_zoo):
+    def no_weights(spec, *, pretrained, weights_dir):
+        raise zoo.WeightsUnavailable("weights for tiny_b not found offline: put tiny_b.pth in --weights-dir")
 
-    def build(spec, weights_dir=None, pretrained=True, device="cpu"):
-        if spec.id == "tiny_b":
-            raise zoo.WeightsUnavailable("weights for tiny_b not found offline: put tiny_b.pth in --weights-dir")
-        return tiny_build(spec, weights_dir=weights_dir, pretrained=pretrained, device=device)
-
-    monkeypatch.setattr(zoo, "build_model", build)
     out = tmp_path / "out"
     args = [*spec_args(shards), "--models", MODELS, "--out", out, "--device", "cpu", "--workers", "0"]
-    assert run_cli(*args) == 2
-    assert run_cli(*args, "--skip-unavailable") == 0
-    assert {r["model"] for r in read_scores(out)} == {"tiny_a"}
+    with zoo.registered(tiny_zoo["tiny_b"], factory=no_weights, replace=True):
+        assert score_cli(*args) == 2
+        assert score_cli(*args, "--skip-unavailable") == 0
+    assert {r["model"] for r in scores_rows(out)} == {"tiny_a"}
 
 
 def test_in9_restrict_rule_predicts_a_superclass(shards, tmp_path):
     out = tmp_path / "out"
-    assert run_cli(*spec_args(shards), "--models", "tiny_b", "--in9-rule", "restrict", "--out", out, *BASE) == 0
+    assert score_cli(*spec_args(shards), "--models", "tiny_b", "--in9-rule", "restrict", "--out", out, *BASE) == 0
     preds = read_predictions(predictions_path(out, "tiny_b", "original"))
     assert ((preds.in9_pred >= 0) & (preds.in9_pred < 9)).all()
     mapping = np.array(in9_mapping())
@@ -321,10 +262,10 @@ def test_in9_restrict_rule_predicts_a_superclass(shards, tmp_path):
 def test_default_spec_is_demo_shards_in_working_folder(shards, tmp_path, monkeypatch):
     monkeypatch.chdir(shards.parent)
     assert score.default_shard_specs() == ["shards/mixed_rand/", "shards/original/"]
-    assert run_cli("--models", "mobilenet_v3_small", "--out", "res", *BASE) == 0
-    assert {r["variant"] for r in read_scores(Path("res"))} == {"original", "mixed_rand"}
+    assert score_cli("--models", "mobilenet_v3_small", "--out", "res", *BASE) == 0
+    assert {r["variant"] for r in scores_rows(Path("res"))} == {"original", "mixed_rand"}
     monkeypatch.chdir(tmp_path / "shards" / "original")
-    assert run_cli("--models", "mobilenet_v3_small", "--out", "res", *BASE) == 2
+    assert score_cli("--models", "mobilenet_v3_small", "--out", "res", *BASE) == 2
 
 
 def test_predictions_match_a_plain_loop(tmp_path):
@@ -333,7 +274,7 @@ def test_predictions_match_a_plain_loop(tmp_path):
 
     folder = write_variant(tmp_path / "shards", "original", n_samples=6, per_shard=3, size=32, fmt="png")
     out = tmp_path / "out"
-    assert run_cli("--shards", folder, "--models", "tiny_b", "--out", out, *BASE) == 0
+    assert score_cli("--shards", folder, "--models", "tiny_b", "--out", out, *BASE) == 0
     got = read_predictions(predictions_path(out, "tiny_b", "original"))
     assert len(got) == 6 and len(set(got.pred)) > 1
 
@@ -351,19 +292,13 @@ def test_predictions_match_a_plain_loop(tmp_path):
         assert float(probs[got.label[i]]) == pytest.approx(got.p_true[i], rel=1e-4, abs=1e-9)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_torchrun_two_processes_equal_one(reference, shards, tmp_path):
     out = tmp_path / "out"
     launcher = tmp_path / "score_with_tiny_zoo.py"
     launcher.write_text(
         "import sys\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "from tests.test_score import install_tiny_zoo\n"
+        "from tests.tiny_zoo import install_tiny_zoo\n"
         "install_tiny_zoo()\n"
         "from eval import score\n"
         "sys.exit(score.main(sys.argv[1:]))\n"
@@ -371,7 +306,7 @@ def test_torchrun_two_processes_equal_one(reference, shards, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
         str(launcher), *spec_args(shards), "--models", MODELS, "--out", str(out), *BASE,
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
@@ -386,5 +321,5 @@ def test_torchrun_two_processes_equal_one(reference, shards, tmp_path):
     for pair, rows in expected.items():
         assert [r[:4] + r[5:] for r in got[pair]] == [r[:4] + r[5:] for r in rows]
         assert [r[4] for r in got[pair]] == pytest.approx([r[4] for r in rows], rel=1e-4)
-    assert len(read_scores(out)) == 4
+    assert len(scores_rows(out)) == 4
     assert not list(out.glob("predictions/*/.parts"))

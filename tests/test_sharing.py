@@ -14,12 +14,9 @@ import json
 import os
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +24,12 @@ import pytest
 import torch
 
 from builders.make_shards import build, parse_args
-from eval import score
 from eval.predictions import predictions_path, read_predictions
 from pipeline.shard_format import MANIFEST_NAME
 from tests.bad_inputs import make_bad_val_tree
+from tests.helpers import score_cli
+from tests.http_server import static_server
 from tests.shard_fixtures import read_members, tar_bytes
-from tests.test_score import install_tiny_zoo
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = "tiny_a,tiny_b"
@@ -42,42 +39,19 @@ BASE = ["--random-weights", "--device", "cpu", "--workers", "0", "--batch-size",
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> tuple[Path, str]:
     """A build of the bad-input corpus, served by ``python -m http.server`` on 127.0.0.1: (folder, base URL)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BGCHECK_CACHE", str(tmp_path_factory.mktemp("bgcheck-cache")))
-        corpus = make_bad_val_tree(tmp_path_factory.mktemp("bad-src"))
-        out = tmp_path_factory.mktemp("site")
-        config, _ = parse_args(["--source", "imagenet-val", "--images", str(corpus.images), "--annotations",
-                                str(corpus.annotations), "--out", str(out), "--variant", "original,mixed_rand",
-                                "--size", "32", "--resize", "40", "--shard-size", "4", "--no-progress"])
-        build(config, progress=False)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                               "--directory", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(f"{base}/mixed_rand/{MANIFEST_NAME}", timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            pytest.fail("http.server did not come up")
-        yield out, base
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+    corpus = make_bad_val_tree(tmp_path_factory.mktemp("bad-src"))
+    out = tmp_path_factory.mktemp("site")
+    config, _ = parse_args(["--source", "imagenet-val", "--images", str(corpus.images), "--annotations",
+                            str(corpus.annotations), "--out", str(out), "--variant", "original,mixed_rand",
+                            "--size", "32", "--resize", "40", "--shard-size", "4", "--no-progress"])
+    build(config, progress=False)
+    with static_server(out) as server:
+        yield out, server.base
 
 
 @pytest.fixture(autouse=True)
-def tiny_zoo(monkeypatch):
-    install_tiny_zoo(monkeypatch.setattr)
-
-
-def run_cli(*argv) -> int:
-    return score.main([str(a) for a in argv])
+def _tiny_zoo(tiny_zoo):
+    """Every test here scores the tiny rows (tests/tiny_zoo.py)."""
 
 
 def predictions(out: Path, variant: str) -> dict[str, list[tuple]]:
@@ -101,8 +75,8 @@ def test_round_trip_over_http_scores_exactly_like_the_local_copy(served, tmp_pat
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert checked.stdout.startswith("OK")
 
-    assert run_cli("--shards", url, "--out", tmp_path / "remote", *BASE) == 0
-    assert run_cli("--shards", folder / "mixed_rand" / MANIFEST_NAME, "--out", tmp_path / "local", *BASE) == 0
+    assert score_cli("--shards", url, "--out", tmp_path / "remote", *BASE) == 0
+    assert score_cli("--shards", folder / "mixed_rand" / MANIFEST_NAME, "--out", tmp_path / "local", *BASE) == 0
     remote, local = predictions(tmp_path / "remote", "mixed_rand"), predictions(tmp_path / "local", "mixed_rand")
     manifest = json.loads((folder / "mixed_rand" / MANIFEST_NAME).read_text())
     assert all(len(rows) == manifest["totals"]["samples"] for rows in local.values())
@@ -123,7 +97,7 @@ def test_a_damaged_download_is_refused(served, tmp_path, capsys):
         url = f"{base}/original_damaged/{MANIFEST_NAME}"
         checked = verify_cli(url)
         assert checked.returncode == 1 and "original-000000.tar" in checked.stdout and "sha256" in checked.stdout
-        assert run_cli("--shards", url, "--out", tmp_path / "out", *BASE) == 2
+        assert score_cli("--shards", url, "--out", tmp_path / "out", *BASE) == 2
         err = capsys.readouterr().err
         assert "original-000000.tar" in err and "sha256" in err, err
     finally:
@@ -142,7 +116,7 @@ def test_pipe_only_from_the_command_line_never_from_a_fetched_manifest(served, t
         manifest["totals"]["samples"] = first["count"]
         (site / MANIFEST_NAME).write_text(json.dumps(manifest))
         url = f"{base}/hostile/{MANIFEST_NAME}"
-        assert run_cli("--shards", url, "--out", tmp_path / "out", *BASE) == 2
+        assert score_cli("--shards", url, "--out", tmp_path / "out", *BASE) == 2
         err = capsys.readouterr().err
         assert "pipe:" in err and "refusing" in err, err
         checked = verify_cli(url)
@@ -153,8 +127,8 @@ def test_pipe_only_from_the_command_line_never_from_a_fetched_manifest(served, t
 
     # the same shard through a pipe: the user typed it, so it runs, and scores like the file itself
     shard = folder / "mixed_rand" / first["name"]
-    assert run_cli("--shards", f"pipe:cat {shard}", "--out", tmp_path / "piped", *BASE) == 0
-    assert run_cli("--shards", shard, "--out", tmp_path / "plain", *BASE) == 0
+    assert score_cli("--shards", f"pipe:cat {shard}", "--out", tmp_path / "piped", *BASE) == 0
+    assert score_cli("--shards", shard, "--out", tmp_path / "plain", *BASE) == 0
     piped, plain = predictions(tmp_path / "piped", "mixed_rand"), predictions(tmp_path / "plain", "mixed_rand")
     assert len(plain["tiny_a"]) == first["count"] and piped == plain
 
@@ -201,13 +175,12 @@ def test_executable_members_are_never_loaded(served, tmp_path, monkeypatch):
         for module, attr in ((pickle, "loads"), (pickle, "load"), (torch, "load"), (np, "load")):
             monkeypatch.setattr(module, attr, refuse)
         url = f"{base}/booby_trapped/{MANIFEST_NAME}"
-        assert run_cli("--shards", url, "--out", tmp_path / "trapped", *BASE) == 0
-        monkeypatch.undo()
-        install_tiny_zoo(monkeypatch.setattr)
+        assert score_cli("--shards", url, "--out", tmp_path / "trapped", *BASE) == 0
+        monkeypatch.undo()  # the tiny rows are registered, not patched: they stay
         checked = verify_cli(url)
         assert "unexpected member" in checked.stdout  # reported, not read
         assert not marker.exists()
-        assert run_cli("--shards", folder / "mixed_rand" / MANIFEST_NAME, "--out", tmp_path / "clean", *BASE) == 0
+        assert score_cli("--shards", folder / "mixed_rand" / MANIFEST_NAME, "--out", tmp_path / "clean", *BASE) == 0
         assert predictions(tmp_path / "trapped", "mixed_rand") == predictions(tmp_path / "clean", "mixed_rand")
     finally:
         shutil.rmtree(site)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
+import socket
 from collections import Counter
 from pathlib import Path
 
@@ -13,25 +15,16 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from bench.imagenet_tree import make_box_archive, make_train_tree, make_val_tree, write_voc_xml
 from pipeline.classes import wnid_to_index
-from pipeline.records import Box, Rejection, SourceRecord
-from pipeline.sources import (
-    SOURCE_KINDS,
-    SourceError,
-    mask_bounding_box,
-    parse_voc_xml,
-    partition,
-    read_coco,
-    read_imagenet_train,
-    read_imagenet_val,
-    read_loc_csv,
-    read_mask_dir,
-    read_source,
-    rle_counts_from_string,
-    validate_boxes,
-    voc_box,
-)
-from tests.fixtures_imagenet import make_box_archive, make_train_tree, make_val_tree, write_voc_xml
+from pipeline.masks import rle_counts_from_string
+from pipeline.records import Box, RejectedInput, Rejection, SourceRecord
+from pipeline.sources import READERS, SourceError, read_source
+from pipeline.sources._common import check_boxes
+from pipeline.sources.coco import read_coco
+from pipeline.sources.loc_csv import read_loc_csv
+from pipeline.sources.mask_dir import read_mask_dir
+from pipeline.sources.voc import parse_voc_xml, read_imagenet_train, read_imagenet_val, voc_box
 
 TENCH, GOLDFISH, RETRIEVER = "n01440764", "n01443537", "n02099601"
 UNKNOWN = "n99999999"
@@ -50,13 +43,19 @@ def outcome(outputs: list) -> dict[str, str]:
     return {o.key: "ok" if isinstance(o, SourceRecord) else o.reason for o in outputs}
 
 
+def partition(outputs) -> tuple[list[SourceRecord], list[Rejection]]:
+    """A reader's stream split into records and rejections, order kept."""
+    outputs = list(outputs)
+    return [o for o in outputs if isinstance(o, SourceRecord)], [o for o in outputs if isinstance(o, Rejection)]
+
+
 def assert_sorted_and_typed(outputs: list) -> None:
     assert all(isinstance(o, (SourceRecord, Rejection)) for o in outputs)
     keys = [o.key for o in outputs]
     assert keys == sorted(keys)
 
 
-# --------------------------------------------------------------------------- validate_boxes
+# --------------------------------------------------------------------------- check_boxes
 
 
 @pytest.mark.parametrize(
@@ -76,19 +75,19 @@ def assert_sorted_and_typed(outputs: list) -> None:
         (Box(-3, 20, 30, 40), None, "box_outside_image", None),
     ],
 )
-def test_validate_boxes(box, size, reason, clean):
-    boxes, got = validate_boxes([box], size)
+def test_check_boxes(box, size, reason, clean):
+    boxes, got, detail = check_boxes([box], size)
     assert got == reason
     if clean is None:
-        assert boxes == ()
+        assert boxes == () and detail
     else:
-        assert [b.as_list() for b in boxes] == [list(map(float, clean))]
+        assert [b.as_list() for b in boxes] == [list(map(float, clean))] and detail == ""
 
 
-def test_validate_boxes_one_bad_box_rejects_all_and_empty_is_no_box():
-    assert validate_boxes([Box(0, 0, 10, 10), Box(5, 5, 1, 9)], (64, 48)) == ((), "inverted_box")
-    assert validate_boxes([], (64, 48)) == ((), "no_box")
-    kept, reason = validate_boxes([Box(0, 0, 10, 10, TENCH), Box(20, 20, 30, 30, TENCH)], (64, 48))
+def test_check_boxes_one_bad_box_rejects_all_and_empty_is_no_box():
+    assert check_boxes([Box(0, 0, 10, 10), Box(5, 5, 1, 9)], (64, 48))[:2] == ((), "inverted_box")
+    assert check_boxes([], (64, 48))[:2] == ((), "no_box")
+    kept, reason, _ = check_boxes([Box(0, 0, 10, 10, TENCH), Box(20, 20, 30, 30, TENCH)], (64, 48))
     assert reason is None and len(kept) == 2 and kept[1].wnid == TENCH
 
 
@@ -111,8 +110,9 @@ def test_parse_voc_xml_reads_size_and_objects(tmp_path):
         b"<other/>",
         b"<annotation><object><name>x</name></object></annotation>",
     ):
-        with pytest.raises(ValueError):
+        with pytest.raises(RejectedInput) as err:
             parse_voc_xml(bad)
+        assert err.value.reason == "malformed_annotation"
 
 
 # --------------------------------------------------------------------------- ImageNet val
@@ -607,7 +607,7 @@ def test_mask_dir_flat_with_label_csv(tmp_path):
     assert rec.key == "ILSVRC2012_val_00000001" and isinstance(rec, Rejection)  # dict covers only image 3
     records, _ = partition(read_mask_dir(images, masks, {"ILSVRC2012_val_00000003": RETRIEVER}))
     assert [(r.key, r.wnid) for r in records] == [("ILSVRC2012_val_00000003", RETRIEVER)]
-    assert mask_bounding_box(blob) == (4, 3, 6, 9) and mask_bounding_box(np.zeros((4, 4))) is None
+    assert records[0].boxes[0].as_list() == [4.0, 3.0, 6.0, 9.0]
 
 
 # --------------------------------------------------------------------------- dispatch and determinism
@@ -626,8 +626,9 @@ def test_read_source_dispatches_every_kind(tmp_path):
         "loc-csv": (images, csv_path, {"box_convention": "voc"}),
         "coco": (coco_images, coco_json, {"label_from": "auto"}),
         "mask-dir": (images, masks, {"labels": {"ILSVRC2012_val_00000001": TENCH}}),
+        "demo": (None, None, {"cache_dir": tmp_path / "demo-cache"}),
     }
-    assert set(calls) == set(SOURCE_KINDS)
+    assert set(calls) == set(READERS)
     for kind, (imgs, ann, opts) in calls.items():
         outputs = list(read_source(kind, imgs, ann, **opts))
         assert outputs and all(o.source == kind for o in outputs), kind
@@ -638,6 +639,8 @@ def test_read_source_dispatches_every_kind(tmp_path):
         read_source("imagenet-val", images, None)
     with pytest.raises(SourceError):
         read_source("imagenet-val", images, boxes, labels={})
+    with pytest.raises(SourceError):
+        read_source("coco", None, coco_json)
 
 
 def test_readers_are_deterministic(tmp_path):
@@ -669,3 +672,339 @@ def test_val_tree_images_are_photo_like_and_reproducible(tmp_path):
     assert centre.std() > 5  # textured object
     with pytest.raises(ValueError):
         make_val_tree(tmp_path / "c", 1, classes=[UNKNOWN])
+
+
+# --------------------------------------------------------------------------- hostile inputs
+
+
+def _val_case(images: Path, boxes: Path, name: str, size=(64, 48), objects=((TENCH, (11, 21, 30, 40)),)) -> None:
+    write_jpeg(images / f"{name}.JPEG", size)
+    write_voc_xml(boxes / f"{name}.xml", name, size, list(objects))
+
+
+def test_file_names_outside_the_key_alphabet_are_bad_key_with_the_reason(tmp_path):
+    images, boxes = tmp_path / "val", tmp_path / "boxes"
+    for name in ("a,b", "a\nb", "a b", "x" * 120, "ok_1"):
+        _val_case(images, boxes, name)
+    raw = os.fsencode(images) + b"/caf\xe9.JPEG"  # not UTF-8: a Latin-1 file name
+    Path(os.fsdecode(raw)).write_bytes((images / "ok_1.JPEG").read_bytes())
+    outputs = list(read_imagenet_val(images, boxes))
+    assert_sorted_and_typed(outputs)
+    by_reason = Counter(getattr(o, "reason", "ok") for o in outputs)
+    assert by_reason == {"ok": 1, "bad_key": 5}, outputs
+    for o in outputs:
+        if isinstance(o, Rejection):
+            # the key is safe to print and to write to JSON/CSV; the detail says what is wrong with it
+            assert o.key.isascii() and o.key.isprintable() and "\n" not in o.detail, o
+            assert "at most 91" in o.detail if o.key.startswith("xxx") else "only letters, digits" in o.detail, o
+            assert str(tmp_path) not in o.detail
+
+
+def test_coco_file_name_with_a_comma_is_bad_key(tmp_path):
+    images = tmp_path / "images"
+    write_jpeg(images / "a,b.JPEG", (40, 30))
+    coco = {
+        "images": [{"id": 1, "file_name": "a,b.JPEG", "width": 40, "height": 30}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 9, 9]}],
+        "categories": [{"id": 1, "name": TENCH}],
+    }
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    (rejected,) = read_coco(images, tmp_path / "instances.json")
+    assert (rejected.key, rejected.reason) == ("a,b", "bad_key") and "only letters" in rejected.detail
+
+
+@pytest.mark.parametrize(
+    ("width", "reason"),
+    [("inf", "malformed_annotation"), ("1e400", "malformed_annotation"), ("nan", "malformed_annotation"),
+     ("-64", "malformed_annotation"), ("64.5", "malformed_annotation"), ("40000", "decompression_bomb")],
+)
+def test_voc_size_that_no_image_has_is_a_rejection_not_a_crash(tmp_path, width, reason):
+    images, boxes = tmp_path / "val", tmp_path / "boxes"
+    _val_case(images, boxes, "ILSVRC2012_val_00000001")
+    xml = boxes / "ILSVRC2012_val_00000001.xml"
+    height = "40000" if width == "40000" else "48"
+    xml.write_text(xml.read_text().replace("<width>64</width>", f"<width>{width}</width>")
+                   .replace("<height>48</height>", f"<height>{height}</height>"))
+    (out,) = read_imagenet_val(images, boxes)
+    assert isinstance(out, Rejection) and out.reason == reason, out
+    assert out.detail.startswith("ILSVRC2012_val_00000001.xml: ")
+
+
+class NativeCalls:
+    """Stands in for pycocotools' C entry points: records each call and refuses it, so no test can hang in C."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list[tuple[str, object]] = []
+        for name in ("frPyObjects", "decode", "merge", "area", "toBbox", "encode"):
+            monkeypatch.setattr(mask_utils, name, self._refuse(name))
+
+    def _refuse(self, name):
+        def refuse(*args, **kwargs):
+            self.calls.append((name, args))
+            raise RuntimeError(f"pycocotools.mask.{name} called")
+
+        return refuse
+
+
+def _coco_one(tmp_path: Path, entry: dict, segmentation, bbox=(5, 5, 10, 10)) -> tuple[Path, Path]:
+    images = tmp_path / "images"
+    write_jpeg(images / "n01440764_1.JPEG", (40, 30))
+    coco = {
+        "images": [{"id": 3, "file_name": "n01440764_1.JPEG", **entry}],
+        "annotations": [{"id": 1, "image_id": 3, "category_id": 1, "segmentation": segmentation, "bbox": list(bbox)}],
+        "categories": [{"id": 1, "name": TENCH}],
+    }
+    path = tmp_path / "instances.json"
+    # json writes inf/nan as Infinity/NaN, which json.loads reads back; "1e400" is a literal number
+    path.write_text(json.dumps(coco).replace('"1e400"', "1e400"))
+    return images, path
+
+
+SQUARE = [[5.0, 5.0, 15.0, 5.0, 15.0, 15.0, 5.0, 15.0]]
+
+
+@pytest.mark.parametrize(
+    ("entry", "reason"),
+    [
+        ({"width": float("inf"), "height": 30}, "malformed_annotation"),
+        ({"width": float("nan"), "height": 30}, "malformed_annotation"),
+        ({"width": 40, "height": "1e400"}, "malformed_annotation"),  # read as float inf
+        ({"width": 40, "height": 10**400}, "decompression_bomb"),  # 400 digits: an int, but no image
+        ({"width": -40, "height": 30}, "malformed_annotation"),
+        ({"width": 40.5, "height": 30}, "malformed_annotation"),
+        ({"width": True, "height": 30}, "malformed_annotation"),
+        ({"width": "40", "height": 30}, "malformed_annotation"),
+        ({"height": 30}, "malformed_annotation"),
+        ({"width": 40000, "height": 40000}, "decompression_bomb"),
+    ],
+)
+def test_coco_image_size_is_checked_before_anything_is_sized_by_it(tmp_path, monkeypatch, entry, reason):
+    rle = {"size": [entry.get("height"), entry.get("width")], "counts": [40000 * 40000]}
+    images, path = _coco_one(tmp_path, entry, rle)
+    native = NativeCalls(monkeypatch)
+    (out,) = read_coco(images, path)
+    assert isinstance(out, Rejection) and out.reason == reason, out
+    assert out.detail.startswith("instances.json#image_id=3: ")
+    assert native.calls == []  # nothing decoded at a size nobody checked (40000 x 40000 is 1.6 GB)
+
+
+@pytest.mark.parametrize(
+    ("segmentation", "reason"),
+    [
+        ([[5.0, 5.0, 2e9, 5.0, 15.0, 15.0]], "bad_segmentation"),  # hangs or crashes pycocotools' rasteriser
+        ([[5.0, 5.0, 15.0, -3e9, 15.0, 15.0]], "bad_segmentation"),
+        ([[5.0, 5.0, 43.0, 5.0, 15.0, 15.0]], "bad_segmentation"),  # beyond the 1-px tolerance
+        ([[5.0, 5.0, 15.0, 5.0, True, 15.0]], "bad_segmentation"),
+        ({"size": [30, 40], "counts": [1200, True]}, "bad_segmentation"),
+        ({"size": [30, 40], "counts": [10**30]}, "bad_segmentation"),
+        ({"size": [float("inf"), 40], "counts": [1200]}, "bad_segmentation"),
+        ({"size": [40000, 40000], "counts": [40000 * 40000]}, "mask_size_mismatch"),
+    ],
+)
+def test_coco_geometry_is_checked_before_pycocotools(tmp_path, monkeypatch, segmentation, reason):
+    images, path = _coco_one(tmp_path, {"width": 40, "height": 30}, segmentation)
+    native = NativeCalls(monkeypatch)
+    (out,) = read_coco(images, path)
+    assert isinstance(out, Rejection) and out.reason == reason, out
+    assert native.calls == []
+
+
+def test_coco_polygon_inside_the_tolerance_still_builds(tmp_path):
+    images, path = _coco_one(tmp_path, {"width": 40, "height": 30}, [[-0.5, 0.0, 40.9, 0.0, 40.9, 30.5, 0.0, 30.5]])
+    (rec,) = read_coco(images, path)
+    assert isinstance(rec, SourceRecord) and rec.segmentation.kind == "polygons"
+
+
+def test_dangling_image_symlink_is_missing_image(tmp_path):
+    images, boxes = tmp_path / "val", tmp_path / "boxes"
+    _val_case(images, boxes, "ILSVRC2012_val_00000001")
+    write_voc_xml(boxes / "ILSVRC2012_val_00000002.xml", "x", (64, 48), [(TENCH, (11, 21, 30, 40))])
+    (images / "ILSVRC2012_val_00000002.JPEG").symlink_to(tmp_path / "gone.JPEG")
+    real = write_jpeg(tmp_path / "elsewhere" / "photo.JPEG")  # ImageNet copies are often symlink farms
+    write_voc_xml(boxes / "ILSVRC2012_val_00000003.xml", "x", (64, 48), [(TENCH, (11, 21, 30, 40))])
+    (images / "ILSVRC2012_val_00000003.JPEG").symlink_to(real)
+    outputs = list(read_imagenet_val(images, boxes))
+    assert outcome(outputs) == {
+        "ILSVRC2012_val_00000001": "ok",
+        "ILSVRC2012_val_00000002": "missing_image",
+        "ILSVRC2012_val_00000003": "ok",
+    }
+
+
+# --------------------------------------------------------------------------- only regular files are read
+
+
+def _special_files(folder: Path, stem_of: dict[str, str], ext: str) -> dict[str, str]:
+    """A FIFO, a socket and a symlink to a device under image-like names; returns key -> kind."""
+    folder.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(folder / f"{stem_of['fifo']}{ext}")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(folder / f"{stem_of['socket']}{ext}"))
+    sock.close()
+    (folder / f"{stem_of['device']}{ext}").symlink_to("/dev/zero")
+    return {v: k for k, v in stem_of.items()}
+
+
+NAMES = {"fifo": "ILSVRC2012_val_00000011", "socket": "ILSVRC2012_val_00000012", "device": "ILSVRC2012_val_00000013"}
+
+
+@pytest.mark.timeout(60)
+def test_fifo_socket_and_device_images_are_refused_without_a_read(tmp_path):
+    images, boxes = tmp_path / "val", tmp_path / "boxes"
+    _val_case(images, boxes, "ILSVRC2012_val_00000001")
+    for key in NAMES.values():
+        write_voc_xml(boxes / f"{key}.xml", key, (64, 48), [(TENCH, (11, 21, 30, 40))])
+    _special_files(images, NAMES, ".JPEG")
+    outputs = {o.key: o for o in read_imagenet_val(images, boxes)}
+    for key in NAMES.values():
+        assert (outputs[key].reason, outputs[key].detail) == ("undecodable_image", f"{key}.JPEG: not a regular file")
+
+
+@pytest.mark.timeout(60)
+def test_fifo_annotations_and_masks_are_refused_without_a_read(tmp_path):
+    images, boxes = tmp_path / "val", tmp_path / "boxes"
+    for key in NAMES.values():
+        write_jpeg(images / f"{key}.JPEG")
+    _special_files(boxes, NAMES, ".xml")  # opening a FIFO for reading waits for a writer: forever
+    outputs = list(read_imagenet_val(images, boxes))
+    assert {(o.reason, o.detail.split(": ", 1)[1]) for o in outputs} == {("malformed_annotation", "not a regular file")}
+    masks = tmp_path / "masks"
+    _special_files(masks, NAMES, ".png")
+    outputs = list(read_mask_dir(images, masks, {key: TENCH for key in NAMES.values()}))
+    assert {(o.reason, o.detail.split(": ", 1)[1]) for o in outputs} == {("bad_segmentation", "not a regular file")}
+
+
+@pytest.mark.timeout(60)
+def test_whole_source_files_must_be_regular_files(tmp_path):
+    images = tmp_path / "val"
+    write_jpeg(images / "ILSVRC2012_val_00000001.JPEG")
+    os.mkfifo(tmp_path / "instances.json")
+    os.mkfifo(tmp_path / "LOC_val_solution.csv")
+    with pytest.raises(SourceError):
+        read_coco(images, tmp_path / "instances.json")
+    with pytest.raises(SourceError):
+        read_loc_csv(images, tmp_path / "LOC_val_solution.csv")
+    os.mkfifo(tmp_path / "boxes.tgz")
+    with pytest.raises(SourceError):
+        read_imagenet_val(images, tmp_path / "boxes.tgz")
+
+
+@pytest.mark.timeout(120)
+def test_demo_refuses_a_fifo_in_its_cache(tmp_path):
+    from pipeline.sources.demo import read_demo
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    os.mkfifo(cache / "chelsea.png")
+    outputs = {o.key: o for o in read_demo(cache_dir=cache)}
+    assert len(outputs) == 14
+    assert (outputs["chelsea"].reason, outputs["chelsea"].detail) == ("undecodable_image", "chelsea.png: not a regular file")
+    assert isinstance(outputs["chelsea_mirror"], SourceRecord)
+
+
+# --------------------------------------------------------------------------- outputs are relative to the source root
+
+
+def _portable(outputs: list) -> list:
+    """Reader output with the one path that must stay usable (the image, and a mask the builder opens) relative."""
+    rows = []
+    for o in outputs:
+        if isinstance(o, SourceRecord):
+            seg = o.segmentation
+            if seg is not None and seg.kind == "png":
+                seg = (seg.kind, Path(seg.data).name, getattr(seg.data, "foreground_ids", None))
+            o = (o.key, Path(o.image).name, o.label, o.boxes, seg, o.size, o.source, o.annotation)
+        rows.append(o)
+    return rows
+
+
+def test_same_tree_in_two_folders_gives_the_same_output(tmp_path):
+    import shutil
+
+    first = tmp_path / "first" / "data"
+    images, boxes, _ = _bad_val_tree(first)
+    make_box_archive(boxes, first / "boxes.tgz")
+    coco_images, coco_json, _, _ = _coco_fixture(first / "coco")
+    train_images, train_boxes = make_train_tree(first / "train", 2, [TENCH, GOLDFISH], boxes_fraction=0.5,
+                                                photo_like=False)
+    _write_csv(first / "LOC_val_solution.csv", [("ILSVRC2012_val_00000001", f"{TENCH} 1 1 5 5"),
+                                                 ("ILSVRC2012_val_00000006", f"{TENCH} 1 1 5 5"),
+                                                 ("ILSVRC2012_val_00000003", f"{TENCH} 1 1 a 5")])
+    masks = first / "masks"
+    _write_mask(masks / "ILSVRC2012_val_00000001.png", np.ones((48, 64), np.uint8))
+    (masks / "ILSVRC2012_val_00000002.png").write_bytes(b"\x89PNG not really")
+    second = Path(shutil.copytree(first, tmp_path / "elsewhere" / "copy", symlinks=True))
+
+    def read_all(root: Path) -> dict[str, list]:
+        return {
+            "val": list(read_imagenet_val(root / "val", root / "boxes")),
+            "val-archive": list(read_imagenet_val(root / "val", root / "boxes.tgz")),
+            "train": list(read_imagenet_train(root / "train" / "train", root / "train" / train_boxes.name)),
+            "loc-csv": list(read_loc_csv(root / "val", root / "LOC_val_solution.csv")),
+            "coco": list(read_coco(root / "coco" / coco_images.name, root / "coco" / coco_json.name)),
+            "mask-dir": list(read_mask_dir(root / "val", root / "masks", {"ILSVRC2012_val_00000001": TENCH})),
+        }
+
+    a, b = read_all(first), read_all(second)
+    for kind in a:
+        assert _portable(a[kind]) == _portable(b[kind]), kind
+        details = " ".join(o.detail for o in a[kind] if isinstance(o, Rejection))
+        annotations = " ".join(o.annotation for o in a[kind] if isinstance(o, SourceRecord))
+        assert str(tmp_path) not in details + annotations, kind
+    assert {o.annotation for o in a["val"] if isinstance(o, SourceRecord)} >= {"val/ILSVRC2012_val_00000001.xml"}
+    assert {o.annotation for o in a["val-archive"] if isinstance(o, SourceRecord)} >= {
+        "boxes.tgz::val/ILSVRC2012_val_00000001.xml"
+    }
+    assert [o.annotation for o in a["loc-csv"] if isinstance(o, SourceRecord)] == ["LOC_val_solution.csv:2"]
+    assert {o.annotation for o in a["coco"] if isinstance(o, SourceRecord)} >= {"coco.json#image_id=1"}
+    assert [o.annotation for o in a["mask-dir"] if isinstance(o, SourceRecord)] == ["ILSVRC2012_val_00000001.png"]
+
+
+# --------------------------------------------------------------------------- ImageNet-S class-id masks
+
+
+def _imagenet_s_mask(path: Path, ids: np.ndarray) -> Path:
+    """An ImageNet-S PNG: class id = R + 256 * G."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rgb = np.zeros((*ids.shape, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1] = ids % 256, ids // 256
+    Image.fromarray(rgb, "RGB").save(path)
+    return path
+
+
+def test_mask_dir_reads_imagenet_s_class_ids(tmp_path):
+    from pipeline.masks import segmentation_mask
+    from pipeline.variants import box_rectangle
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    ids = np.zeros((30, 40), np.int64)
+    ids[5:10, 5:15] = 5  # the image's own class (tench in the map below)
+    ids[20:25, 30:38] = 7  # another class in the same image
+    ids[0:30, 0:2] = 1000  # ignored: neither foreground nor background
+    key = "ILSVRC2012_val_00000001"
+    write_jpeg(images / TENCH / f"{key}.JPEG", (40, 30))
+    _imagenet_s_mask(masks / TENCH / f"{key}.png", ids)
+    cmap = tmp_path / "imagenet_s_categories.json"
+    cmap.write_text(json.dumps({"5": TENCH, "7": GOLDFISH}))
+
+    (own,) = read_mask_dir(images, masks, category_map=cmap)
+    assert own.boxes[0].as_list() == [5.0, 5.0, 15.0, 10.0]  # only the own class
+    (anything,) = read_mask_dir(images, masks)
+    assert anything.boxes[0].as_list() == [5.0, 5.0, 38.0, 25.0]  # every class but other and ignored
+    for rec in (own, anything):  # the builder reads the mask by the same rule
+        mask = segmentation_mask(rec.segmentation, rec.size)
+        assert not mask[:, :2].any()
+        assert box_rectangle(mask) == tuple(int(v) for v in rec.boxes[0].as_list())
+    (unmapped,) = read_mask_dir(images, masks, category_map={"7": GOLDFISH})
+    assert unmapped.reason == "unknown_category"
+
+
+def test_mask_dir_refuses_a_binary_mask_saved_in_colour(tmp_path):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    write_jpeg(images / TENCH / "ILSVRC2012_val_00000001.JPEG", (40, 30))
+    white = np.zeros((30, 40, 3), np.uint8)
+    white[5:10, 5:15] = 255  # id 255 + 256 * 255: no ImageNet-S class
+    (masks / TENCH).mkdir(parents=True)
+    Image.fromarray(white, "RGB").save(masks / TENCH / "ILSVRC2012_val_00000001.png")
+    (out,) = read_mask_dir(images, masks)
+    assert out.reason == "bad_segmentation" and "single-channel" in out.detail

@@ -1,4 +1,4 @@
-"""Shard spec resolution and safe streaming (pipeline/shard_format.py readers, eval/stream.py)."""
+"""Shard spec resolution and safe streaming (pipeline/shard_format readers, eval/stream.py)."""
 
 from __future__ import annotations
 
@@ -6,20 +6,17 @@ import hashlib
 import io
 import json
 import pickle
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from webdataset.shardlists import split_by_node
 
-from eval import stream
-from eval.stream import ReadOptions, Sample, ShardEnd, StreamError, iter_shard, make_loader, split_by_node
+from eval import decode, stream
+from eval.stream import ReadOptions, Sample, ShardEnd, StreamError, iter_shard, make_loader
+from pipeline import decode as source_decode
 from pipeline.shard_format import MANIFEST_NAME, ShardSpecError, load_manifest, resolve_shards
 from tests.shard_fixtures import (
     encode_image,
@@ -95,7 +92,7 @@ def test_manifest_totals_must_match_shards(tmp_path):
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(ShardSpecError, match="totals"):
         resolve_shards(str(folder))
-    assert load_manifest(folder / MANIFEST_NAME)["totals"]["samples"] == 5
+    assert load_manifest(folder / MANIFEST_NAME).totals.samples == 5
 
 
 def test_pipe_spec_streams_command_output(tmp_path):
@@ -114,34 +111,11 @@ def test_failing_pipe_command_is_an_error(tmp_path):
         _samples(ref)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
-def http_root(tmp_path):
+def http_root(tmp_path, serve):
     root = tmp_path / "served"
     root.mkdir()
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(root)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}/"
-    try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(base, timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        yield root, base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    return root, serve(root).base + "/"
 
 
 def test_http_manifest_folder_and_plain_url(http_root):
@@ -189,9 +163,9 @@ def test_sample_fields_and_uint8_images(tmp_path):
 
 
 def test_decompression_bomb_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(stream, "MAX_IMAGE_PIXELS", 30 * 30)
+    monkeypatch.setattr(source_decode, "MAX_IMAGE_PIXELS", 30 * 30)
     folder = write_variant(tmp_path, "original", n_samples=1, per_shard=1, size=32)
-    with pytest.raises(StreamError, match="img0000.*pixel limit"):
+    with pytest.raises(StreamError, match="img0000.*decompression_bomb"):
         _samples(resolve_shards(str(folder))[0])
 
 
@@ -255,9 +229,17 @@ def test_tar_cut_between_samples_without_manifest_is_not_a_shorter_shard(tmp_pat
     (ref,) = resolve_shards(str(path))
     with pytest.raises(StreamError, match="img0001.*truncated"):
         _samples(ref)
-    samples, end = _samples(ref, on_error="skip")
-    assert [s.key for s in samples] == ["img0000", "img0001"]
-    assert sum(end.skipped.values()) >= 1
+
+
+@pytest.mark.parametrize("defect", ["cut_between_samples", "truncated"])
+def test_a_cut_shard_is_never_skipped(tmp_path, defect):
+    """A cut transfer contributes nothing, whatever --on-error says: the shard is not complete (a rerun refetches it)."""
+    (ref,) = resolve_shards(str(_defective_shard(tmp_path, defect)))
+    got = []
+    with pytest.raises(StreamError, match="original-000000.tar"):
+        for item in iter_shard(ref, ReadOptions(on_error="skip")):
+            got.append(item)
+    assert not any(isinstance(item, ShardEnd) for item in got)  # never reported as complete
 
 
 @pytest.mark.parametrize("defect", ["missing_cls", "bad_jpg", "duplicate_key", "duplicate_member", "truncated"])
@@ -277,7 +259,6 @@ def test_bad_shard_error_names_shard_and_key(tmp_path, defect):
         ("missing_cls", ["img0000", "img0002"]),
         ("bad_jpg", ["img0000", "img0002"]),
         ("duplicate_key", ["img0000", "img0001", "img0002"]),
-        ("truncated", ["img0000"]),
     ],
 )
 def test_bad_samples_skipped_and_counted(tmp_path, defect, good):
@@ -296,15 +277,19 @@ def test_images_of_different_sizes_in_one_batch_are_an_error(tmp_path):
     write_tar(tmp_path / "s.tar", members)
     loader = make_loader(resolve_shards(str(tmp_path / "s.tar")), [0], 4, ReadOptions(), workers=0, pin_memory=False)
     batches = list(loader)
-    assert batches[0]["error"] and "differs" in batches[0]["error"] and "k1" in batches[0]["error"]
+    assert batches[0].error and "differs" in batches[0].error and "k1" in batches[0].error
 
 
 # --------------------------------------------------------------------------- splitting and batching
 
 
-def test_split_by_node_assigns_every_item_once():
+def test_split_by_node_assigns_every_item_once(monkeypatch):
     items = list(range(11))
-    parts = [split_by_node(items, r, 3) for r in range(3)]
+    parts = []
+    for rank in range(3):  # what torchrun sets for each process
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "3")
+        parts.append(list(split_by_node(iter(items))))
     assert sorted(i for p in parts for i in p) == items
     assert parts[1] == [1, 4, 7, 10]
 
@@ -316,13 +301,13 @@ def test_loader_with_workers_reads_each_shard_once_in_whole_batches(tmp_path):
     keys_by_shard: dict[int, list[str]] = {}
     ends = []
     for batch in loader:
-        assert batch["error"] is None
-        if batch["keys"]:
-            assert batch["images"].dtype == torch.uint8 and batch["images"].shape[1:] == (3, 32, 32)
-            assert len(batch["keys"]) <= 2
-        keys_by_shard.setdefault(batch["shard_index"], []).extend(batch["keys"])
-        if batch["end"] is not None:
-            ends.append(batch["shard_index"])
+        assert batch.error is None
+        if batch.keys:
+            assert batch.images.dtype == torch.uint8 and batch.images.shape[1:] == (3, 32, 32)
+            assert len(batch.keys) <= 2
+        keys_by_shard.setdefault(batch.shard_index, []).extend(batch.keys)
+        if batch.end is not None:
+            ends.append(batch.shard_index)
     assert sorted(ends) == [0, 1, 2, 3]
     assert keys_by_shard[1] == ["img0003", "img0004", "img0005"]
     assert sorted(k for ks in keys_by_shard.values() for k in ks) == [f"img{i:04d}" for i in range(10)]
@@ -339,7 +324,7 @@ def test_jpeg_batch_decoder_falls_back_per_image():
         fallback_calls.append(data)
         return torch.zeros(3, 24, 24, dtype=torch.uint8)
 
-    out = stream.decode_jpeg_batch(encoded, "cpu", cpu_decode=cpu_decode)
+    out = decode.decode_jpeg_batch(encoded, "cpu", cpu_decode=cpu_decode)
     assert fallback_calls == [bad]
     assert out[1].sum() == 0
     for image, data in zip((out[0], out[2]), good, strict=True):
@@ -352,10 +337,10 @@ def test_deferred_jpeg_bytes_decode_to_the_same_batch(tmp_path):
     refs = resolve_shards(str(folder))
     (cpu_batch,) = list(make_loader(refs, [0], 8, ReadOptions(), workers=0, pin_memory=False))
     (deferred,) = list(make_loader(refs, [0], 8, ReadOptions(defer_jpeg=True), workers=0, pin_memory=False))
-    assert deferred["images"] is None and all(t.dim() == 1 for t in deferred["items"])
+    assert deferred.images is None and all(t.dim() == 1 for t in deferred.items)
     images = stream.images_to_device(deferred, torch.device("cpu"))
-    assert images.shape == cpu_batch["images"].shape
-    assert (images.int() - cpu_batch["images"].int()).abs().max() <= 3
+    assert images.shape == cpu_batch.images.shape
+    assert (images.int() - cpu_batch.images.int()).abs().max() <= 3
 
 
 def test_deferred_jpeg_that_no_decoder_accepts_names_its_key(tmp_path):

@@ -6,30 +6,21 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from bench.imagenet_tree import make_val_tree
 from builders.make_shards import build, parse_args
 from builders.shards import file_sha256
 from builders.verify import VerifyError, main, verify
-from tests.fixtures_imagenet import make_val_tree
+from pipeline.shard_format.transport import TransferPolicy
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("original", "mixed_rand")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def demo_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BGCHECK_CACHE", str(tmp_path_factory.mktemp("bgcheck-cache")))
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -173,37 +164,10 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path):
         verify(tmp_path / "nope")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def http_root(copy):
-    """Serve the copied build over HTTP on a free local port; always stopped."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port),
-                               "--directory", str(copy)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/", timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    pytest.fail("local HTTP server did not start")
-                time.sleep(0.1)
-        yield base, copy
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+def http_root(copy, serve):
+    """The copied build over HTTP on 127.0.0.1: (base URL, folder)."""
+    return serve(copy).base, copy
 
 
 def test_http_manifest_verifies_and_catches_a_flipped_byte(http_root, capsys):
@@ -224,6 +188,10 @@ def test_http_manifest_verifies_and_catches_a_flipped_byte(http_root, capsys):
     assert any("mixed_rand-000002.tar" in p and "missing" in p for p in report.problems)
 
 
-def test_unreachable_url_is_an_input_error():
+def test_unreachable_url_is_an_input_error(serve, tmp_path):
+    server = serve(tmp_path)
+    base = server.base
+    server.shutdown()
+    server.server_close()  # the port is free again: nothing listens there
     with pytest.raises(VerifyError):
-        verify(f"http://127.0.0.1:{free_port()}/x/manifest.json")
+        verify(f"{base}/x/manifest.json", policy=TransferPolicy(retries=1, backoff_s=0.01))

@@ -4,7 +4,9 @@ No image ships with this project. The photos come from scikit-image's data
 folder and imgaug's ``quokka.jpg``; ``data_manifests/demo/annotations.json``
 holds the labels, boxes and polygons. Mirrored copies (annotations flipped
 with them) give every class a second image so ``mixed_same`` can find a partner.
-The images are written once, as PNG, into a cache folder.
+The images are written once, as PNG, into a cache folder (``cache_dir``,
+default ``$BGCHECK_CACHE`` or ``~/.cache/bgcheck``, then ``demo/``), and read
+back like any input: regular files only, JPEG/PNG only.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from PIL import Image
 
 from data_manifests import data_file
 from pipeline.classes import wnid_to_index
-from pipeline.records import Box, Rejection, Segmentation, SourceRecord
+from pipeline.decode import SOURCE_FORMATS, open_image
+from pipeline.files import read_regular
+from pipeline.records import Box, RejectedInput, Rejection, Segmentation, SourceRecord
 
 ANNOTATIONS = data_file("demo", "annotations.json")
 
@@ -71,7 +75,7 @@ def _materialise(entry: dict, cache_dir: Path) -> Path:
     if target.exists():
         return target
     src = package_photo(entry["package"], entry["file"])
-    with Image.open(src) as im:
+    with open_image(read_regular(src), formats=SOURCE_FORMATS) as im:
         arr = np.asarray(im.convert("RGB"))
     if entry.get("mirror"):
         arr = arr[:, ::-1]
@@ -82,28 +86,45 @@ def _materialise(entry: dict, cache_dir: Path) -> Path:
     return target
 
 
-def read_demo(cache_dir: str | Path | None = None) -> Iterator[SourceRecord | Rejection]:
-    """Demo records, sorted by key, images materialised under ``cache_dir``."""
+def _demo_record(entry: dict, cache: Path, index: dict[str, int]) -> SourceRecord:
+    path = _materialise(entry, cache)
+    with open_image(read_regular(path), formats=SOURCE_FORMATS) as im:
+        width, height = im.size
+    boxes = [list(map(float, b)) for b in entry["boxes"]]
+    polygon = entry.get("polygon")
+    if entry.get("mirror"):
+        boxes = [_mirror_box(b, width) for b in boxes]
+        polygon = _mirror_polygon(polygon, width) if polygon else None
+    return SourceRecord(
+        key=entry["key"],
+        image=str(path),
+        label=index[entry["wnid"]],
+        wnid=entry["wnid"],
+        boxes=tuple(Box(*b, wnid=entry["wnid"]) for b in boxes),
+        segmentation=Segmentation("polygons", [polygon]) if polygon else None,
+        size=(width, height),
+        source="demo",
+        annotation=f"{ANNOTATIONS.name}#{entry['key']}",
+    )
+
+
+def read_demo(
+    images: str | Path | None = None, annotations: str | Path | None = None, cache_dir: str | Path | None = None
+) -> Iterator[SourceRecord | Rejection]:
+    """Demo records, sorted by key, images materialised under ``cache_dir``.
+
+    The demo brings its own photos and annotations, so ``images`` and
+    ``annotations`` are unused (they are there for the one reader signature).
+    A cached photo that cannot be read (replaced by a FIFO, say) is a
+    rejection; a missing photo package raises :class:`DemoUnavailable`.
+    """
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    entries = json.loads(ANNOTATIONS.read_text())["images"]
+    entries = json.loads(ANNOTATIONS.read_text(encoding="utf-8"))["images"]
     index = wnid_to_index()
     for entry in sorted(entries, key=lambda e: e["key"]):
-        path = _materialise(entry, cache)
-        with Image.open(path) as im:
-            width, height = im.size
-        boxes = [list(map(float, b)) for b in entry["boxes"]]
-        polygon = entry.get("polygon")
-        if entry.get("mirror"):
-            boxes = [_mirror_box(b, width) for b in boxes]
-            polygon = _mirror_polygon(polygon, width) if polygon else None
-        yield SourceRecord(
-            key=entry["key"],
-            image=str(path),
-            label=index[entry["wnid"]],
-            wnid=entry["wnid"],
-            boxes=tuple(Box(*b, wnid=entry["wnid"]) for b in boxes),
-            segmentation=Segmentation("polygons", [polygon]) if polygon else None,
-            size=(width, height),
-            source="demo",
-            annotation=f"{ANNOTATIONS.name}#{entry['key']}",
-        )
+        try:
+            yield _demo_record(entry, cache, index)
+        except RejectedInput as exc:
+            yield Rejection(entry["key"], exc.reason, exc.detail, "demo")
+        except OSError as exc:
+            yield Rejection(entry["key"], "undecodable_image", f"{entry['key']}.png: {exc.strerror or 'not a regular file'}", "demo")

@@ -1,4 +1,4 @@
-"""Generators for small ImageNet-shaped trees (val, train, VOC XML, bbox archive).
+"""Generators for small ImageNet-shaped trees (val, train, VOC XML, bbox archive), for benchmarks and tests.
 
 Images are synthetic but photo-like (smooth gradients, low-frequency colour
 noise, grain, and a textured foreground object inside each box), so JPEG
@@ -128,7 +128,7 @@ def flat_image(
     return img
 
 
-def _write_sample(
+def write_sample(
     image_path: Path,
     xml_path: Path | None,
     key: str,
@@ -176,7 +176,7 @@ def make_val_tree(
     for i in range(n_images):
         key = f"ILSVRC2012_val_{i + 1:08d}"
         rng = np.random.default_rng([seed, i])
-        _write_sample(
+        write_sample(
             images_dir / f"{key}.JPEG",
             boxes_dir / "val" / f"{key}.xml",
             key,
@@ -213,7 +213,7 @@ def make_train_tree(
             key = f"{wnid}_{int(n)}"
             rng = np.random.default_rng([seed, c, j + 1])
             has_xml = rng.random() < boxes_fraction
-            _write_sample(
+            write_sample(
                 images_root / wnid / f"{key}.JPEG",
                 boxes_root / wnid / f"{key}.xml" if has_xml else None,
                 key,

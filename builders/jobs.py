@@ -1,0 +1,71 @@
+"""Run the build's units of work: serially, on local loky workers, or on an existing Dask cluster.
+
+Results arrive in completion order and are put back by index, so the output
+never depends on scheduling. An interrupted build takes its local workers
+down with it (each worker also stops on its own once the main process is
+gone, see ``builders.shards.build_chunk``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from builders.config import BuildConfig, ConfigError
+
+DASK_CONNECT_TIMEOUT_S = 10
+
+
+def _tagged(i: int, fn: Callable, args: tuple, kwargs: dict) -> tuple[int, Any]:
+    return i, fn(*args, **kwargs)
+
+
+def _dask_client(scheduler: str):  # noqa: ANN202 - dask is optional
+    """A client of the cluster, or a one-line ConfigError (no 30-second wait and traceback)."""
+    try:
+        from dask.distributed import Client
+    except ImportError:
+        raise ConfigError("--backend dask needs dask.distributed: pip install 'bgcheck[dask]'") from None
+    try:
+        return Client(scheduler, timeout=f"{DASK_CONNECT_TIMEOUT_S}s")
+    except (OSError, TimeoutError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"cannot reach the Dask scheduler {scheduler} within {DASK_CONNECT_TIMEOUT_S} s ({reason})") from None
+
+
+def _stop_local_workers() -> None:
+    from joblib.externals.loky import get_reusable_executor
+
+    with contextlib.suppress(Exception):
+        get_reusable_executor().shutdown(wait=False, kill_workers=True)
+
+
+def run_jobs(config: BuildConfig, calls: list, weights: list[int], desc: str, progress: bool) -> list:
+    """Run joblib-delayed calls; the progress bar (a terminal only) is weighted by images."""
+    import joblib
+    from tqdm import tqdm
+
+    tagged = [joblib.delayed(_tagged)(i, fn, args, kwargs) for i, (fn, args, kwargs) in enumerate(calls)]
+    results: list = [None] * len(calls)
+    n_jobs = min(config.workers, max(1, len(calls)))
+    local = config.backend != "dask" and n_jobs > 1
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(tqdm(total=sum(weights), desc=desc, unit="img", disable=not progress))
+        if config.backend == "dask":
+            stack.enter_context(_dask_client(config.scheduler))
+            stack.enter_context(joblib.parallel_config(backend="dask"))
+            stream = joblib.Parallel(return_as="generator_unordered")(tagged)
+        elif local:
+            stream = joblib.Parallel(n_jobs=n_jobs, backend="loky", return_as="generator_unordered")(tagged)
+        else:
+            stream = (fn(*args, **kwargs) for fn, args, kwargs in tagged)
+        try:
+            for i, value in stream:
+                results[i] = value
+                bar.update(weights[i])
+        except BaseException:
+            if local:
+                _stop_local_workers()
+            raise
+    return results

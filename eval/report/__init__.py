@@ -1,0 +1,35 @@
+"""Turn per-sample predictions into background-reliance tables, figures and a report page.
+
+``python -m eval.report RESULTS_DIR [--out DIR]`` reads
+``RESULTS_DIR/predictions/<model>/<variant>.csv`` (see eval.predictions), joins
+variants by sample key, computes every metric of ``eval.metrics.METRICS`` per
+model and label space, and writes ``metrics.csv`` (long format),
+``trends.csv``, ``metrics.json``, ``report.md``, ``report.html`` and the
+``fig_*.png`` that have data. Metrics are recomputed from predictions only,
+so a report never disagrees with the per-sample files.
+
+Modules, one job each: ``inputs`` (read and vet predictions), ``compute``
+(typed results per model), ``tables`` (metrics.csv rows and the tables),
+``figures``, ``markdown`` (report.md, README section), ``html`` (report.html),
+``build`` (writes everything), ``cli``.
+"""
+
+from __future__ import annotations
+
+from eval.report.build import build_report
+from eval.report.cli import main, parse_args
+from eval.report.compute import TREND_AXES, ModelMetrics
+from eval.report.inputs import LABEL_SPACES, NUM_CLASSES, ReportError
+from eval.report.markdown import metrics_reference_markdown
+
+__all__ = [
+    "LABEL_SPACES",
+    "NUM_CLASSES",
+    "TREND_AXES",
+    "ModelMetrics",
+    "ReportError",
+    "build_report",
+    "main",
+    "metrics_reference_markdown",
+    "parse_args",
+]

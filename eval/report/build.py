@@ -1,0 +1,172 @@
+"""build_report: predictions in, metrics.csv, trends.csv, metrics.json, report.md, report.html and figures out."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from eval.predictions import list_predictions
+from eval.report.compute import (
+    ModelMetrics,
+    compute_model,
+    model_order,
+    published_comparisons,
+    trend_axes,
+    trends,
+)
+from eval.report.figures import all_figure_names, draw_figures
+from eval.report.html import report_html
+from eval.report.inputs import (
+    LABEL_SPACES,
+    NUM_CLASSES,
+    Notes,
+    Outcomes,
+    ReportError,
+    load_model_metadata,
+    load_scores,
+    model_metadata,
+    models_json_path,
+    outcomes,
+    read_model_predictions,
+)
+from eval.report.markdown import report_markdown
+from eval.report.tables import (
+    CSV_COLUMNS,
+    TREND_COLUMNS,
+    LabelSpaceSection,
+    ReportDocument,
+    csv_text,
+    label_space_title,
+    long_rows,
+    metric_tables,
+    metrics_reference,
+    models_table,
+    published_table,
+    trends_table,
+)
+from pipeline.files import atomic_write_text
+
+
+def _json_safe(obj: object) -> object:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return _json_safe(obj.item())
+    return obj
+
+
+def compute_all(found: dict[str, dict[str, Path]], spaces: tuple[str, ...], n_boot: int, seed: int,
+                notes: Notes, progress: bool) -> dict[str, dict[str, ModelMetrics]]:
+    """Every model's metrics per label space; models without data in a space are absent from it."""
+    from tqdm import tqdm
+
+    per_space: dict[str, dict[str, ModelMetrics]] = {ls: {} for ls in spaces}
+    # A bar only on a terminal: piped or logged output gets no carriage-return noise.
+    for model in tqdm(sorted(found), desc="models", unit="model", disable=not (progress and sys.stderr.isatty())):
+        preds = read_model_predictions(model, found[model], notes)
+        for ls in spaces:
+            data: dict[str, Outcomes] = {}
+            for variant, p in preds.items():
+                if (o := outcomes(p, ls, model, variant, notes)) is not None:
+                    data[variant] = o
+            if data:
+                per_space[ls][model] = compute_model(model, ls, data, n_boot, seed, notes)
+    return per_space
+
+
+def build_report(
+    results_dir: str | Path,
+    out_dir: str | Path | None = None,
+    label_space: str = "both",
+    n_boot: int = 1000,
+    seed: int = 0,
+    models_json: str | Path | None = None,
+    progress: bool = False,
+) -> dict:
+    """Compute every metric and write metrics.csv, trends.csv, metrics.json, report.md, report.html and figures.
+
+    Returns the metrics.json content plus ``outputs`` (paths written). Raises
+    ReportError when ``results_dir`` is missing or holds no predictions.
+    """
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise ReportError(f"results directory not found: {results_dir}")
+    found = list_predictions(results_dir)
+    if not found:
+        raise ReportError(f"no predictions under {results_dir / 'predictions'}")
+    if label_space not in (*LABEL_SPACES, "both"):
+        raise ReportError(f"unknown label space {label_space!r}")
+    spaces = LABEL_SPACES if label_space == "both" else (label_space,)
+    out_dir = Path(out_dir) if out_dir is not None else results_dir / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    notes = Notes()
+
+    zoo_rows = load_model_metadata(Path(models_json) if models_json else models_json_path(), notes)
+    per_space = compute_all(found, spaces, n_boot, seed, notes, progress)
+    metadata = model_metadata(found, zoo_rows, load_scores(results_dir), notes)
+    comparisons = published_comparisons(per_space, metadata, notes)
+
+    # A figure from an earlier run into the same folder would sit there unexplained: clear ours first.
+    for name in all_figure_names():
+        (out_dir / name).unlink(missing_ok=True)
+    csv_rows: list[dict] = []
+    trend_rows: dict[str, list[dict]] = {}
+    sections: list[LabelSpaceSection] = []
+    for ls in spaces:
+        per_model = per_space[ls]
+        if not per_model:
+            notes.add(f"{ls}: no model has predictions in this label space, left out")
+            continue
+        for model in model_order(per_model):
+            csv_rows += long_rows(per_model[model])
+        trend_rows[ls] = trends(per_model, trend_axes(per_model, metadata), notes, ls)
+        figures, skipped = draw_figures(out_dir, ls, per_model, comparisons)
+        tables = [*metric_tables(ls, per_model), trends_table(ls, trend_rows[ls])]
+        sections.append(LabelSpaceSection(ls, label_space_title(ls), figures, skipped, tables))
+
+    models = sorted(found)
+    summary = {
+        "results_dir": str(results_dir),
+        "bootstrap": n_boot,
+        "seed": seed,
+        "models_seen": models,
+        "metadata": metadata,
+        "chance": {ls: 1 / NUM_CLASSES[ls] for ls in spaces if per_space[ls]},
+        "label_spaces": {ls: {m: per_space[ls][m].to_json() for m in model_order(per_space[ls])}
+                         for ls in spaces if per_space[ls]},
+        "trends": trend_rows,
+        "published": [{"model": c.published.model, "label_space": c.published.label_space,
+                       "metric": c.published.metric, "variant": c.published.variant,
+                       "published": c.published.value, "ours": c.ours.value, "lo": c.ours.lo, "hi": c.ours.hi,
+                       "n": c.ours.n, "published_weights": c.published.weights, "our_weights": c.weights,
+                       "source": c.published.source} for c in comparisons],
+        "figures": {"written": [f.name for s in sections for f in s.figures],
+                    "not_drawn": [r for s in sections for r in s.figures_skipped]},
+        "notes": notes.items,
+    }
+    safe = _json_safe(summary)
+    doc = ReportDocument(
+        intro=(f"Results: {results_dir}. Models: {len(models)}. Intervals: Wilson 95% for accuracies; paired "
+               f"bootstrap ({n_boot} resamples, seed {seed}) for BG-Gap. Values in %; differences in points."),
+        models=models_table(models, metadata),
+        published=published_table(comparisons),
+        sections=sections,
+        definitions=metrics_reference(),
+        notes=notes.items,
+    )
+    figure_names = [f.name for s in sections for f in s.figures]
+    atomic_write_text(out_dir / "metrics.csv", csv_text(CSV_COLUMNS, csv_rows))
+    atomic_write_text(out_dir / "trends.csv", csv_text(TREND_COLUMNS, [r for rs in trend_rows.values() for r in rs]))
+    atomic_write_text(out_dir / "metrics.json", json.dumps(safe, indent=1, sort_keys=False) + "\n")
+    atomic_write_text(out_dir / "report.md", report_markdown(doc))
+    atomic_write_text(out_dir / "report.html", report_html(doc, out_dir))
+    names = ("metrics.csv", "trends.csv", "metrics.json", "report.md", "report.html", *figure_names)
+    return {**safe, "outputs": [str(out_dir / n) for n in names]}  # type: ignore[dict-item]

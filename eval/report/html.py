@@ -1,0 +1,160 @@
+"""report.html: one self-contained page (figures embedded as data: URIs, inline CSS, no script, no network).
+
+It opens from disk in any browser. Everything shown comes from the same
+:class:`ReportDocument` as report.md; every piece of user data (model ids,
+notes, class names) passes through :func:`html.escape` exactly once, here.
+The gallery (thumbnails per source image across variants, a later phase)
+has its own slot, :func:`gallery_html`, which renders nothing when given no
+sections.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from html import escape
+from pathlib import Path
+
+from eval.report.tables import Cell, FigureFile, ReportDocument, Table
+
+CSS = """
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d232b; margin: 0;
+       background: #f6f7f9; }
+main { max-width: 1240px; margin: 0 auto; padding: 16px 24px 48px; }
+h1 { font-size: 24px; margin: 8px 0 4px; } h2 { font-size: 19px; margin: 28px 0 8px; border-bottom: 1px solid #d5d9e0;
+     padding-bottom: 4px; } h3 { font-size: 15px; margin: 20px 0 4px; }
+p.caption, figcaption { color: #4a5361; margin: 2px 0 8px; font-size: 13px; }
+nav a { margin-right: 12px; }
+.scroll { overflow-x: auto; background: #fff; border: 1px solid #d5d9e0; border-radius: 4px; }
+table { border-collapse: collapse; font-size: 13px; width: 100%; }
+th, td { padding: 4px 8px; border-bottom: 1px solid #e6e9ee; text-align: left; vertical-align: top; }
+th { background: #eef1f5; position: sticky; top: 0; white-space: nowrap; }
+td.num { text-align: right; white-space: nowrap; font-variant-numeric: tabular-nums; }
+.ci { display: block; color: #6b7482; font-size: 11px; }
+.empty, .skipped { color: #6b7482; font-style: italic; }
+.figures { display: grid; grid-template-columns: repeat(auto-fill, minmax(480px, 1fr)); gap: 16px; }
+figure { margin: 0; background: #fff; border: 1px solid #d5d9e0; border-radius: 4px; padding: 8px; }
+figure img { width: 100%; height: auto; display: block; }
+ul.notes li { margin: 2px 0; }
+.gallery-row { display: flex; gap: 8px; overflow-x: auto; padding: 6px 0; border-bottom: 1px solid #e6e9ee; }
+.gallery-row figure { flex: 0 0 auto; width: 140px; padding: 4px; }
+.gallery-row figcaption { font-size: 11px; }
+code { background: #eef1f5; padding: 0 3px; border-radius: 3px; }
+"""
+
+
+# ---------------------------------------------------------------- the gallery slot (filled in a later phase)
+
+
+@dataclass(frozen=True)
+class GalleryImage:
+    """One thumbnail: ``src`` is a data: URI or a path relative to report.html."""
+
+    src: str
+    alt: str
+    caption: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class GalleryRow:
+    """One source image (sample key) with its variants side by side."""
+
+    key: str
+    images: list[GalleryImage]
+
+
+@dataclass(frozen=True)
+class GallerySection:
+    """A group of rows, e.g. one Noise or Signal category or the largest background-driven flips."""
+
+    title: str
+    caption: str
+    rows: list[GalleryRow]
+
+
+def gallery_html(sections: Sequence[GallerySection]) -> str:
+    """The gallery, or nothing at all when there are no sections (phase 1 passes none)."""
+    if not sections:
+        return ""
+    parts = ['<section id="gallery"><h2>Gallery</h2>']
+    for section in sections:
+        parts.append(f"<h3>{escape(section.title)}</h3><p class=\"caption\">{escape(section.caption)}</p>")
+        for row in section.rows:
+            parts.append(f'<div class="gallery-row" data-key="{escape(row.key)}">')
+            for image in row.images:
+                lines = "".join(f"<div>{escape(line)}</div>" for line in image.caption)
+                parts.append(f'<figure><img loading="lazy" src="{escape(image.src)}" alt="{escape(image.alt)}">'
+                             f"<figcaption>{lines}</figcaption></figure>")
+            parts.append("</div>")
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------- page
+
+
+def inline_markup(text: str) -> str:
+    """Escape text, then render the two inline marks the metric definitions use: `code` and **bold**."""
+    out = escape(text)
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", out)
+
+
+def _cell(cell: Cell) -> str:
+    title = f' title="{escape(cell.note)}"' if cell.note else ""
+    klass = ' class="num"' if cell.numeric else ""
+    interval = f'<span class="ci">{escape(cell.interval)}</span>' if cell.interval else ""
+    text = inline_markup(cell.text) if cell.markup else escape(cell.text)
+    return f"<td{klass}{title}>{text}{interval}</td>"
+
+
+def table_html(table: Table, level: int = 3) -> str:
+    head = f'<h{level} id="{escape(table.ident)}">{escape(table.title)}</h{level}>'
+    caption = f'<p class="caption">{inline_markup(table.caption)}</p>' if table.caption else ""  # our own text
+    if not table.rows:
+        return f'{head}{caption}<p class="empty">{escape(table.empty)}</p>'
+    header = "".join(f"<th>{escape(h)}</th>" for h in table.header)
+    rows = "\n".join("<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in table.rows)
+    return (f'{head}{caption}<div class="scroll"><table data-table="{escape(table.ident)}">'
+            f"<thead><tr>{header}</tr></thead><tbody>\n{rows}\n</tbody></table></div>")
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _figure(fig: FigureFile, out_dir: Path) -> str:
+    return (f'<figure data-figure="{escape(fig.name)}"><img src="{_data_uri(out_dir / fig.name)}" '
+            f'alt="{escape(fig.title)}" width="640"><figcaption><strong>{escape(fig.title)}.</strong> '
+            f"{escape(fig.caption)}</figcaption></figure>")
+
+
+def report_html(doc: ReportDocument, out_dir: Path, gallery: Sequence[GallerySection] = ()) -> str:
+    """The whole page; figures are read from ``out_dir`` and embedded."""
+    nav = ['<a href="#models">Models</a>']
+    if doc.published.rows:
+        nav.append('<a href="#published">Published figures</a>')
+    nav += [f'<a href="#ls-{escape(s.label_space)}">{escape(s.label_space)}</a>' for s in doc.sections]
+    nav += ['<a href="#notes">Notes</a>', '<a href="#definitions">Definitions</a>']
+    body = [f"<header><h1>Background reliance report</h1><p>{escape(doc.intro)}</p><nav>{''.join(nav)}</nav></header>",
+            f'<section id="models-section">{table_html(doc.models, 2)}</section>']
+    if doc.published.rows:
+        body.append(f'<section id="published-section">{table_html(doc.published, 2)}</section>')
+    for section in doc.sections:
+        parts = [f'<section id="ls-{escape(section.label_space)}"><h2>{escape(section.title)}</h2>']
+        if section.figures:
+            parts.append('<div class="figures">' + "".join(_figure(f, out_dir) for f in section.figures) + "</div>")
+        parts += [f'<p class="skipped">{escape(reason)}</p>' for reason in section.figures_skipped]
+        parts += [table_html(t) for t in section.tables]
+        parts.append("</section>")
+        body.append("\n".join(parts))
+    body.append(gallery_html(gallery))
+    notes = "".join(f"<li>{escape(n)}</li>" for n in doc.notes) or "<li>none</li>"
+    body.append(f'<section><h2 id="notes">Notes</h2><ul class="notes">{notes}</ul></section>')
+    body.append(f"<section>{table_html(doc.definitions, 2)}</section>")
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+            f"<title>Background reliance report</title>\n<style>{CSS}</style>\n</head>\n<body>\n<main>\n"
+            + "\n".join(b for b in body if b) + "\n</main>\n</body>\n</html>\n")
