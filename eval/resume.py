@@ -6,7 +6,8 @@ On disk, per model, under ``<out>/predictions/<model>/``:
   written atomically when the shard ends; a killed run keeps every finished part;
 - ``<variant>.csv``: the merged predictions (a ``shard`` column says which shard
   each row came from) and ``.done/<variant>.json``, its ledger: every shard in
-  that file with what identified its bytes, its count, rows and skips.
+  that file with where it was read from (``url``), what identified its bytes,
+  its count, rows and skips (the report finds the shards for its gallery there).
 
 A rerun skips every shard a valid ledger entry or part already covers (same
 weights and preprocessing, same shard bytes). Merging takes, shard by shard,
@@ -183,7 +184,8 @@ def _rows_by_shard(out: Path, model_id: str, variant: str) -> dict[str, list[lis
 def _part_entry(part: dict[str, Any], variant: str) -> dict[str, Any]:
     block = part["variants"][variant]
     return {
-        "shard": part["shard"], "fingerprint": part["fingerprint"], "sha256": part["sha256"], "count": part["count"],
+        "shard": part["shard"], "url": part["url"], "fingerprint": part["fingerprint"], "sha256": part["sha256"],
+        "count": part["count"],
         "n": len(block["rows"]), "skipped": block["skipped"], "seconds": block["seconds"], "device": part["device"],
         "variants_in_shard": len(part["variants"]),
     }
