@@ -9,7 +9,9 @@ from pathlib import Path
 
 import builders.version
 from data_manifests import data_file
-from pipeline.shard_format.spec import FORMAT_VERSION
+from pipeline.frame import FRAME_INTERPOLATIONS
+from pipeline.masks import MASK_SOURCES
+from pipeline.shard_format.spec import FORMAT_VERSION, IMAGE_CODECS
 from pipeline.sources import READERS
 from pipeline.variants import FILLS, VARIANTS
 
@@ -66,10 +68,12 @@ class BuildConfig:
             raise ConfigError(f"--source {self.source} needs --annotations PATH")
         if self.fill not in FILLS:
             raise ConfigError(f"unknown --fill {self.fill!r}; choose from {', '.join(FILLS)}")
-        if self.mask not in ("box", "segm", "grabcut"):
-            raise ConfigError(f"unknown --mask {self.mask!r}; choose box, segm or grabcut")
-        if self.format not in ("jpg", "png", "webp"):
-            raise ConfigError(f"unknown --format {self.format!r}; choose jpg, png or webp")
+        if self.mask not in MASK_SOURCES:
+            raise ConfigError(f"unknown --mask {self.mask!r}; choose {', '.join(MASK_SOURCES)}")
+        if self.format not in IMAGE_CODECS:
+            raise ConfigError(f"unknown --format {self.format!r}; choose {', '.join(IMAGE_CODECS)}")
+        if self.interpolation not in FRAME_INTERPOLATIONS:
+            raise ConfigError(f"unknown --interpolation {self.interpolation!r}; choose {', '.join(FRAME_INTERPOLATIONS)}")
         if not (1 <= self.quality <= 100):
             raise ConfigError("--quality must be between 1 and 100")
         if self.size < 8 or self.resize < self.size:
@@ -84,6 +88,10 @@ class BuildConfig:
             raise ConfigError("--backend must be loky or dask")
         if self.backend == "dask" and not self.scheduler:
             raise ConfigError("--backend dask needs --scheduler tcp://HOST:PORT")
+        if self.scheduler and self.backend != "dask":
+            raise ConfigError("--scheduler is for --backend dask (it would be ignored)")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ConfigError(f"--out {self.out} is a file, not a folder")
         if self.workers < 1:
             raise ConfigError("--workers must be at least 1")
         for name in ("images", "annotations", "textures", "category_map"):

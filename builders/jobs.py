@@ -3,18 +3,44 @@
 Results arrive in completion order and are put back by index, so the output
 never depends on scheduling. An interrupted build takes its local workers
 down with it (each worker also stops on its own once the main process is
-gone, see ``builders.shards.build_chunk``).
+gone).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from builders.config import BuildConfig, ConfigError
 
 DASK_CONNECT_TIMEOUT_S = 10
+
+
+_watching: int | None = None  # the main process a worker watches (set once per worker process)
+
+
+def _watch_main_process(main_pid: int) -> None:
+    """In a local worker: exit at once when the build's main process is gone.
+
+    A killed build must not leave workers building on (or idling for loky's
+    timeout); what they leave half-written carries a temporary name that the
+    next run removes. Dask workers have their own life and are not watched.
+    """
+    global _watching
+    if _watching == main_pid or os.getppid() != main_pid:
+        return
+    _watching = main_pid
+
+    def watch() -> None:
+        while os.getppid() == main_pid:
+            time.sleep(0.2)
+        os._exit(70)
+
+    threading.Thread(target=watch, name="watch-main-process", daemon=True).start()
 
 
 def _tagged(i: int, fn: Callable, args: tuple, kwargs: dict) -> tuple[int, Any]:
@@ -57,7 +83,10 @@ def run_jobs(config: BuildConfig, calls: list, weights: list[int], desc: str, pr
             stack.enter_context(joblib.parallel_config(backend="dask"))
             stream = joblib.Parallel(return_as="generator_unordered")(tagged)
         elif local:
-            stream = joblib.Parallel(n_jobs=n_jobs, backend="loky", return_as="generator_unordered")(tagged)
+            # every worker, busy or idle, watches this process from the moment it starts
+            stack.enter_context(joblib.parallel_config(backend="loky", initializer=_watch_main_process,
+                                                       initargs=(os.getpid(),)))
+            stream = joblib.Parallel(n_jobs=n_jobs, return_as="generator_unordered")(tagged)
         else:
             stream = (fn(*args, **kwargs) for fn, args, kwargs in tagged)
         try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import platform
 import sys
 import time
@@ -24,24 +23,26 @@ from builders.jobs import run_jobs
 from builders.plan import Plan, annotation_hash, make_plan, probe_batch
 from builders.shards import (
     BUILD_DIR,
-    BuildAborted,
     ShardResult,
     build_chunk,
     completion_path,
     read_completion,
 )
 from pipeline.classes import to_in9
+from pipeline.cli import OneLineParser
 from pipeline.files import atomic_write_text
+from pipeline.frame import FRAME_INTERPOLATIONS
 from pipeline.locks import FolderBusy, exclusive
+from pipeline.masks import MASK_SOURCES
 from pipeline.records import Rejection, SourceRecord
 from pipeline.shard_format.manifest import Manifest, RejectedFile, ShardEntry, Totals, timm_info
-from pipeline.shard_format.spec import MANIFEST_NAME, REJECTED_NAME, TIMM_INFO_NAME, shard_name
+from pipeline.shard_format.spec import IMAGE_CODECS, MANIFEST_NAME, REJECTED_NAME, TIMM_INFO_NAME, shard_name
 from pipeline.sources import READERS, SourceError
 from pipeline.variants import FILLS, VARIANTS
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, argparse.Namespace]:
-    p = argparse.ArgumentParser(
+def build_parser() -> OneLineParser:
+    p = OneLineParser(
         prog="python -m builders.make_shards",
         description="Build background-variant WebDataset shards (Background Check / ImageNet-9) "
         "from ImageNet-style images and boxes or masks. With no --source, builds the embedded demo.",
@@ -61,9 +62,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, argparse.Nam
     p.add_argument("--out", help="output folder (default ./shards)")
     p.add_argument("--size", type=int, help="frame size after the centre crop (default 224)")
     p.add_argument("--resize", type=int, help="shorter side before the crop (default 256)")
-    p.add_argument("--interpolation", choices=["bilinear", "bicubic", "lanczos"],
+    p.add_argument("--interpolation", choices=list(FRAME_INTERPOLATIONS),
                    help="resampling for the frame resize (default bilinear, antialiased)")
-    p.add_argument("--mask", choices=["box", "segm", "grabcut"], help="foreground mask source (default box)")
+    p.add_argument("--mask", choices=list(MASK_SOURCES), help="foreground mask source (default box)")
     p.add_argument("--fill", choices=list(FILLS), help="fill for only_fg/only_bg_b/no_fg (default black)")
     p.add_argument("--textures", help="folder of texture images for 'texture' (default: built-in procedural set)")
     p.add_argument("--classes", help="all | in9 | FILE of wnids or class indices (default all)")
@@ -80,29 +81,24 @@ def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, argparse.Nam
     p.add_argument("--backend", choices=["loky", "dask"], help="joblib backend (default loky)")
     p.add_argument("--scheduler", help="Dask scheduler address tcp://HOST:PORT (with --backend dask)")
     p.add_argument("--shard-size", type=int, help="source images per shard (default 1000)")
-    p.add_argument("--format", choices=["jpg", "png", "webp"], help="image encoding (default jpg)")
+    p.add_argument("--format", choices=list(IMAGE_CODECS), help="image encoding (default jpg)")
     p.add_argument("--quality", type=int, help="JPEG/WebP quality (default 95)")
     p.add_argument("--with-masks", action="store_true", default=None, help="also store <key>.mask.png")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, argparse.Namespace]:
+    args = build_parser().parse_args(argv)
 
     values: dict = {}
     if args.recipe:
         values.update(load_recipe(args.recipe))
         values["recipe"] = args.recipe
-    mapping = {
-        "source": "source", "images": "images", "annotations": "annotations", "category_map": "category_map",
-        "out": "out", "size": "size", "resize": "resize", "interpolation": "interpolation", "mask": "mask", "fill": "fill", "textures": "textures",
-        "classes": "classes", "per_class": "per_class", "partner_level": "partner_level",
-        "exactly_one_box": "exactly_one_box", "max_box_fraction": "max_box_fraction",
-        "max_box_cropped": "max_box_cropped", "seed": "seed", "workers": "workers", "backend": "backend",
-        "scheduler": "scheduler", "shard_size": "shard_size", "format": "format", "quality": "quality",
-        "with_masks": "with_masks",
-    }
-    for arg, name in mapping.items():
-        value = getattr(args, arg)
+    for f in fields(BuildConfig):  # every option is a BuildConfig field of the same name
+        value = getattr(args, f.name, None)
         if value is not None:
-            values[name] = value
+            values[f.name] = value
     for name in ("max_box_fraction", "max_box_cropped"):
         if values.get(name) is not None and values[name] >= 1:
             values[name] = None
@@ -112,8 +108,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, argparse.Nam
             for part in v.split(","):
                 chosen.extend(VARIANTS if part == "all" else [part])
         values["variants"] = tuple(dict.fromkeys(chosen))
-    if values.get("source") not in (None, "demo") and not values.get("images"):
-        raise ConfigError(f"--source {values['source']} needs --images DIR")
     known = {f.name for f in fields(BuildConfig)}
     config = replace(BuildConfig(), **{k: v for k, v in values.items() if k in known})
     if "variants" in values:
@@ -216,7 +210,7 @@ def _build_locked(config: BuildConfig, out: Path, progress: bool) -> dict[str, M
         calls.append(
             joblib.delayed(build_chunk)(
                 index, chunk, variants, config, assignments, chunk_dropped, partners,
-                {v: hashes[(v, index)] for v in variants}, os.getpid(),
+                {v: hashes[(v, index)] for v in variants},
             )
         )
     if calls:
@@ -242,21 +236,22 @@ def _build_locked(config: BuildConfig, out: Path, progress: bool) -> dict[str, M
 def chunk_hash(config: BuildConfig, plan: Plan, variant: str, chunk: list[SourceRecord]) -> str:
     """What one shard is built from: the variant's config plus its chunk of the plan.
 
-    A rerun keeps a finished shard only if this matches, so changed inputs,
-    annotations or partners rebuild the shards they touch instead of
-    publishing shards written from an older plan.
+    A rerun keeps a finished shard only if this matches, so changed inputs
+    (annotations, or the files themselves: their size and modification time),
+    partners or textures rebuild the shards they touch instead of publishing
+    shards written from an older plan.
     """
-    import hashlib
-
     keys = [r.key for r in chunk]
     in_chunk = set(keys)
     dropped = sorted(r.key for r in plan.variant_rejections[variant] if r.key in in_chunk)
     assignments = plan.assignments[variant]
     chosen = [(k, list(astuple(assignments[k])) if k in assignments else None) for k in keys]
     partners = sorted({a[0] for _, a in chosen if a and a[0]})
+    textures = sorted({a[2] for _, a in chosen if a and a[2]})
+    files = [plan.stamps.get(k) for k in (*keys, *partners)] + [plan.stamps.get(f"texture:{t}") for t in textures]
     payload = json.dumps(
         [config.variant_hash(variant), annotation_hash(chunk), dropped, chosen,
-         annotation_hash(plan.partners[k] for k in partners)],
+         annotation_hash(plan.partners[k] for k in partners), files],
         separators=(",", ":"),
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -332,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     try:
         manifests = build(config, progress=progress)
-    except (ConfigError, SourceError, FolderBusy, BuildAborted, RuntimeError) as exc:
+    except (ConfigError, SourceError, FolderBusy, RuntimeError) as exc:
         print(f"make_shards: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from builders.config import BuildConfig
 from pipeline.classes import imagenet_classes, to_in9
-from pipeline.decode import SOURCE_FORMATS, exif_transpose_code, open_image
+from pipeline.decode import SOURCE_FORMATS, TEXTURE_SUFFIXES, exif_transpose_code, open_image
 from pipeline.files import open_regular, read_regular
 from pipeline.masks import SelectionFilters
 from pipeline.prepare import sample_geometry
@@ -25,8 +26,6 @@ from pipeline.records import RejectedInput, Rejection, SourceRecord
 from pipeline.rng import rng_for
 from pipeline.textures import N_PROCEDURAL
 from pipeline.variants import VARIANT_SPECS
-
-TEXTURE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 
 @dataclass(frozen=True)
@@ -45,6 +44,7 @@ class Probe:
     key: str
     bg_ok: bool  # may serve as a background (no box_too_large, a strip left to tile)
     failures: list[str]
+    stamp: str = ""  # size and modification time of the file: a rerun rebuilds what changed under a name
 
 
 @dataclass
@@ -58,14 +58,12 @@ class Plan:
     source_hash: str
     n_inputs: int
     partners: dict[str, SourceRecord] = field(default_factory=dict)
+    stamps: dict[str, str] = field(default_factory=dict)  # input key or texture name -> file stamp
 
     def chunks(self) -> list[list[SourceRecord]]:
         size = self.config.shard_size
         return [self.inputs[i : i + size] for i in range(0, len(self.inputs), size)]
 
-    def accepted(self, variant: str) -> list[str]:
-        dropped = {r.key for r in self.variant_rejections.get(variant, [])}
-        return [r.key for r in self.inputs if r.key not in dropped]
 
 
 def filters_of(config: BuildConfig) -> SelectionFilters:
@@ -75,6 +73,11 @@ def filters_of(config: BuildConfig) -> SelectionFilters:
 def group_of(label: int, level: str) -> int:
     """The class relation used by mixed_same / mixed_next."""
     return to_in9(label) if level == "in9" else label
+
+
+def file_stamp(st: os.stat_result) -> str:
+    """What tells a rerun that a file changed under its name, without reading it again."""
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def shown_path(path: str, config: BuildConfig) -> str:
@@ -112,6 +115,7 @@ def probe_record(record: SourceRecord, config: BuildConfig) -> Probe:
         with open_regular(record.image) as fh:
             img = open_image(fh, formats=SOURCE_FORMATS)  # the header only: size and EXIF orientation
             stored_size, orientation = img.size, exif_transpose_code(img)
+            stamp = file_stamp(os.fstat(fh.fileno()))
     except OSError as exc:
         raise input_error(record.image, config, exc) from None
     geo = sample_geometry(
@@ -124,7 +128,7 @@ def probe_record(record: SourceRecord, config: BuildConfig) -> Probe:
     ys1 = max(min(b[3], size) for b in geo.framed)
     has_strip = xs0 >= 1 or ys0 >= 1 or xs1 <= size - 1 or ys1 <= size - 1
     bg_ok = "box_too_large" not in geo.failures and has_strip
-    return Probe(record.key, bg_ok, geo.failures)
+    return Probe(record.key, bg_ok, geo.failures, stamp)
 
 
 def probe_batch(records: list[SourceRecord], config: BuildConfig) -> list[Probe | Rejection]:
@@ -143,13 +147,22 @@ def selected_classes(spec: str) -> set[int] | None:
         return None
     if spec == "in9":
         return {i for i in range(1000) if to_in9(i) >= 0}
+    from builders.config import ConfigError
+
     index = imagenet_classes().index_of
     chosen: set[int] = set()
-    for line in Path(spec).read_text().splitlines():
+    for number, line in enumerate(Path(spec).read_text().splitlines(), start=1):
         token = line.split("#", 1)[0].strip().split()[0] if line.split("#", 1)[0].strip() else ""
         if not token:
             continue
-        chosen.add(int(token) if token.isdigit() else index[token])
+        if token.isdigit() and int(token) < len(index):
+            chosen.add(int(token))
+        elif token in index:
+            chosen.add(index[token])
+        else:
+            raise ConfigError(f"--classes {spec}:{number}: {token[:40]!r} is neither a wnid nor a class index 0..999")
+    if not chosen:
+        raise ConfigError(f"--classes {spec}: no class in it")
     return chosen
 
 
@@ -178,7 +191,7 @@ def list_textures(config: BuildConfig) -> list[str]:
         return [f"procedural:{i:02d}" for i in range(N_PROCEDURAL)]
     root = Path(config.textures)
     files = sorted(
-        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in TEXTURE_EXTENSIONS
+        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in TEXTURE_SUFFIXES
     )
     if not files:
         from builders.config import ConfigError
@@ -192,7 +205,7 @@ def make_plan(
     config: BuildConfig,
     probes: dict[str, Probe | Rejection],
 ) -> Plan:
-    """Turn reader output and header probes into the plan (pure: no I/O)."""
+    """Turn reader output and header probes into the plan (reads only the --classes file and the --textures folder)."""
     rejections: list[Rejection] = []
     records: list[SourceRecord] = []
     chosen = selected_classes(config.classes)
@@ -254,7 +267,12 @@ def make_plan(
     partners = {
         a.bg_key: by_key[a.bg_key] for per in assignments.values() for a in per.values() if a.bg_key is not None
     }
+    stamps = {r.key: probes[r.key].stamp for r in records}  # type: ignore[union-attr]
+    for name in textures:
+        if (path := texture_path(config, name)) is not None:
+            stamps[f"texture:{name}"] = file_stamp(os.stat(path))
     return Plan(
+        stamps=stamps,
         config=config,
         inputs=records,
         rejections=rejections,

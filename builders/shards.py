@@ -10,9 +10,9 @@ partial file under a final name.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
-import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,10 +36,6 @@ from pipeline.textures import procedural_texture, texture_frame
 BUILD_DIR = ".build"  # per-shard completion records, used to resume
 
 
-class BuildAborted(RuntimeError):
-    """The build stopped under a worker (its main process was killed)."""
-
-
 @dataclass
 class ShardResult:
     """What the manifest needs to know about one finished shard."""
@@ -51,7 +47,7 @@ class ShardResult:
     count: int
     labels: dict[str, int]
     rejections: list[dict] = field(default_factory=list)
-    config_hash: str = ""
+    plan_hash: str = ""
 
 
 def encode_image(image: np.ndarray, fmt: str, quality: int) -> bytes:
@@ -191,19 +187,15 @@ def build_chunk(
     dropped: dict[str, set[str]],
     partners: dict[str, SourceRecord],
     completion_hashes: dict[str, str] | None = None,
-    main_pid: int | None = None,
 ) -> list[ShardResult]:
     """Build shard ``index`` of every requested variant from the chunk's records.
 
     ``completion_hashes`` (variant -> hash of this chunk's plan) is what the
     completion record stores, so a resumed build can tell whether the shard
     was made from the same plan; without it the variant's config hash is used.
-    ``main_pid``: the build's main process; a local worker stops as soon as it is gone.
     """
     out = Path(config.out)
     filters = filters_of(config)
-    # a local worker of this build (not the main process, not a Dask node) watches its parent
-    watch_parent = main_pid is not None and os.getppid() == main_pid
 
     def prepare(record: SourceRecord) -> PreparedSample:
         mask_bytes = None
@@ -238,8 +230,6 @@ def build_chunk(
             (out / v).mkdir(parents=True, exist_ok=True)
             writers[v] = ShardFile(out / v / shard_name(v, index))
         for record in records:
-            if watch_parent and os.getppid() != main_pid:
-                raise BuildAborted("the build's main process is gone: this worker stops too")
             wanted = [v for v in variants if record.key not in dropped.get(v, ())]
             if not wanted:
                 continue
@@ -287,8 +277,6 @@ def write_completion(variant_dir: Path, result: ShardResult) -> None:
 
 
 def file_sha256(path: str | Path) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -296,7 +284,7 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def read_completion(variant_dir: Path, name: str, config_hash: str) -> ShardResult | None:
+def read_completion(variant_dir: Path, name: str, plan_hash: str) -> ShardResult | None:
     """A finished shard from an earlier run, if its record, hash and bytes all still agree."""
     path = completion_path(variant_dir, name)
     shard = variant_dir / name
@@ -305,7 +293,7 @@ def read_completion(variant_dir: Path, name: str, config_hash: str) -> ShardResu
         result = ShardResult(**row)
     except (OSError, ValueError, TypeError):
         return None
-    if result.config_hash != config_hash or not shard.is_file():
+    if result.plan_hash != plan_hash or not shard.is_file():
         return None
     if shard.stat().st_size != result.nbytes or file_sha256(shard) != result.sha256:
         return None

@@ -25,10 +25,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pipeline.classes import to_in9
+from pipeline.cli import OneLineParser
 from pipeline.decode import SHARD_FORMATS, open_image
 from pipeline.records import RejectedInput
-from pipeline.shard_format.errors import ShardSpecError, StreamError
-from pipeline.shard_format.locate import ShardRef, sibling
+from pipeline.shard_format.errors import Missing, ShardSpecError, StreamError
+from pipeline.shard_format.locate import load_manifest_lenient, shard_refs, sibling
 from pipeline.shard_format.manifest import Manifest, timm_info
 from pipeline.shard_format.reader import ShardSample, ShardTally, read_shard
 from pipeline.shard_format.spec import (
@@ -36,6 +38,7 @@ from pipeline.shard_format.spec import (
     MASK_EXTENSION,
     MAX_MANIFEST_BYTES,
     TIMM_INFO_NAME,
+    parse_json_object,
 )
 from pipeline.shard_format.transport import DEFAULT_POLICY, TransferPolicy, is_pipe, is_remote, read_all
 
@@ -111,10 +114,10 @@ def find_manifests(path_or_url: str) -> list[str]:
 def _read_beside(location: str, name: str, policy: TransferPolicy) -> bytes | None:
     """A small file next to the manifest, or None when it is missing."""
     try:
-        return read_all(sibling(location, name), name, MAX_MANIFEST_BYTES, listed=True, policy=policy)
+        return read_all(sibling(location, name), MAX_MANIFEST_BYTES, listed=True, policy=policy)
+    except Missing:
+        return None
     except StreamError as exc:
-        if exc.message.startswith("missing"):
-            return None
         raise VerifyError(f"cannot read {name} beside {location}: {exc.message}") from None
 
 
@@ -143,7 +146,8 @@ def _deep_problems(sample: ShardSample, size: int | None) -> list[str]:
     return problems
 
 
-def _check_side_files(location: str, manifest: Manifest, report: VerifyReport, policy: TransferPolicy) -> None:
+def _check_side_files(location: str, manifest: Manifest, report: VerifyReport, policy: TransferPolicy,
+                      in9_lengths: list[int] | None) -> None:
     """rejected.jsonl (hash and count) and _info.json (timm's split description) against the manifest."""
     v = manifest.variant
     if manifest.rejected is not None:
@@ -160,15 +164,25 @@ def _check_side_files(location: str, manifest: Manifest, report: VerifyReport, p
     if raw is None:
         report.add(f"{v}: {TIMM_INFO_NAME} is missing")
         return
+    # the IN-9 split's lengths are what the shards hold: checked only when the shards themselves are sound
+    expected = timm_info(manifest, in9_lengths or [0] * len(manifest.shards))["splits"]
+    if in9_lengths is None:
+        expected.pop(f"{v}_in9")
     try:
-        info = json.loads(raw)
-        split = info["splits"][v]
-        expected = timm_info(manifest, [0] * len(manifest.shards))["splits"][v]
-        for name in ("num_samples", "filenames", "shard_lengths"):
-            if split.get(name) != expected[name]:
-                report.add(f"{v}: {TIMM_INFO_NAME} splits.{v}.{name} disagrees with the manifest")
-    except (ValueError, KeyError, TypeError):
-        report.add(f"{v}: {TIMM_INFO_NAME} has no split {v!r}")
+        splits = parse_json_object(raw, TIMM_INFO_NAME, MAX_MANIFEST_BYTES).get("splits")
+        if not isinstance(splits, dict):
+            raise ValueError(f"{TIMM_INFO_NAME} has no splits")
+    except ValueError as exc:
+        report.add(f"{v}: {exc}")
+        return
+    for split, want in expected.items():
+        got = splits.get(split)
+        if not isinstance(got, dict):
+            report.add(f"{v}: {TIMM_INFO_NAME} has no split {split!r}")
+            continue
+        for field_name, value in want.items():
+            if got.get(field_name) != value:
+                report.add(f"{v}: {TIMM_INFO_NAME} splits.{split}.{field_name} disagrees with the shards")
 
 
 def verify_manifest(
@@ -177,11 +191,7 @@ def verify_manifest(
 ) -> None:
     """Verify one manifest and every shard it lists; problems go to ``report``."""
     try:
-        raw = read_all(location, location, MAX_MANIFEST_BYTES, policy=policy)
-    except StreamError as exc:
-        raise VerifyError(f"cannot read {location}: {exc.message}") from None
-    try:
-        manifest, refused = Manifest.read_lenient(raw, location)
+        manifest, refused = load_manifest_lenient(location, policy)
     except ShardSpecError as exc:
         raise VerifyError(str(exc)) from None
     report.manifests.append(location)
@@ -191,11 +201,13 @@ def verify_manifest(
     size = manifest.config.get("size") if isinstance(manifest.config.get("size"), int) else None
     seen_keys: dict[str, str] = {}
     labels: dict[str, int] = {}
+    in9_lengths: list[int] = []
     problems_before = len(report.problems)
-    for entry in tqdm(manifest.shards, desc=variant, unit="shard", disable=not progress, dynamic_ncols=True):
-        ref = ShardRef(sibling(location, entry.name), entry.name, entry.sha256, entry.count, variant, entry.nbytes,
-                       listed=True)
+    refs = shard_refs(manifest, location)
+    for entry, ref in tqdm(list(zip(manifest.shards, refs, strict=True)), desc=variant, unit="shard",
+                           disable=not progress, dynamic_ncols=True):
         sink = _ShardProblems(report, f"{variant}/{entry.name}")
+        in9_lengths.append(0)
         tally = ShardTally(entry.name)
         for sample in read_shard(ref, sink, build_config=manifest.config, tally=tally, policy=policy):
             if sample.key in seen_keys:
@@ -203,11 +215,12 @@ def verify_manifest(
             else:
                 seen_keys[sample.key] = entry.name
             labels[str(sample.label)] = labels.get(str(sample.label), 0) + 1
+            in9_lengths[-1] += int(sample.meta.get("in9_label", to_in9(sample.label)) >= 0)
             for problem in _deep_problems(sample, size) if deep else ():
                 sink.sample("", problem, variant)
-        if tally.refused_count:
-            shown = ", ".join(sorted({n.partition(".")[2] or n for n in tally.refused}))
-            sink.shard(f"{tally.refused_count} unexpected member(s) ({shown}), not read")
+        if tally.ignored_count:
+            shown = ", ".join(sorted({n.partition(".")[2] or n for n in tally.ignored}))
+            sink.shard(f"{tally.ignored_count} unexpected member(s) ({shown}), not read")
         if entry.sha256 is None or entry.nbytes is None:
             sink.shard("the manifest lists no sha256/bytes for it: its bytes cannot be verified")
         sink.close()
@@ -216,7 +229,8 @@ def verify_manifest(
     histogram = manifest.class_histogram
     if histogram is not None and {k: v for k, v in histogram.items() if v} != labels and len(report.problems) == problems_before:
         report.add(f"{variant}: labels in the shards do not match class_histogram")
-    _check_side_files(location, manifest, report, policy)
+    sound = len(report.problems) == problems_before
+    _check_side_files(location, manifest, report, policy, in9_lengths if sound else None)
 
 
 def verify(path_or_url: str | Path, deep: bool = False, progress: bool = False,
@@ -235,9 +249,7 @@ def verify(path_or_url: str | Path, deep: bool = False, progress: bool = False,
 # --------------------------------------------------------------------------- CLI
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pipeline.cli import OneLineParser
-
+def build_parser() -> OneLineParser:
     p = OneLineParser(
         prog="python -m builders.verify",
         description="Check shards against their manifest: sha256, size, sample count, unique keys, and that "
@@ -250,7 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--allow-host", action="append", default=[], metavar="HOST",
                    help="follow HTTP redirects to this other host (repeatable; default: same host only)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     policy = TransferPolicy(allow_hosts=frozenset(h.lower() for h in args.allow_host))
     try:
         report = verify(args.path, deep=args.deep, progress=sys.stderr.isatty() and not args.json, policy=policy)

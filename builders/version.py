@@ -8,7 +8,7 @@ shard instead of keeping shards written by older code.
 
 from __future__ import annotations
 
-BUILDER_VERSION = "2.0.0"
+BUILDER_VERSION = "2.1.0"
 
 RELEASE_NOTES: dict[str, str] = {
     "1.0.0": "First release: nine variants, tar members written in plan order by a hand-rolled tarfile writer.",
@@ -16,5 +16,11 @@ RELEASE_NOTES: dict[str, str] = {
         "Shards are written by webdataset.TarWriter (members sorted by extension, mode 0644, empty user and "
         "group names); manifest format 2: the rejected inputs move to rejected.jsonl (referenced by sha256), the "
         "builder version is recorded, and _info.json describes each variant for timm's WebDataset reader."
+    ),
+    "2.1.0": (
+        "Inputs decode only as JPEG or PNG (textures also WebP, BMP, TIFF) within 2^26 pixels; RGB mask PNGs are "
+        "read as ImageNet-S class ids; texture crops are resampled from the crop's own region; with --mask segm an "
+        "image without a segmentation is rejected at planning (never drawn as a partner); a rerun also rebuilds "
+        "shards whose input files changed under their names."
     ),
 }

@@ -65,12 +65,15 @@ def _decode_jpeg_libjpeg(data: bytes) -> torch.Tensor | None:
             return None  # PIL decodes it again and raises its usual one-line error
 
 
-def _pil_rgb(data: bytes) -> np.ndarray:
+def _pil(data: bytes, formats: Sequence[str], mode: str) -> np.ndarray:
+    """Decode with PIL, any decoder failure (PIL raises SyntaxError, struct.error, ...) as one ValueError."""
     try:
-        with source_decode.open_image(data, formats=source_decode.SHARD_FORMATS) as image:
-            return np.array(image.convert("RGB"))
+        with source_decode.open_image(data, formats=formats) as image:
+            return np.array(image.convert(mode))
     except RejectedInput as exc:
         raise ValueError(f"{exc.reason}: {exc.detail}" if exc.detail else exc.reason) from None
+    except Exception as exc:  # noqa: BLE001 - a bad image is a finding about the sample, never a crash
+        raise ValueError(f"undecodable_image: {source_decode.stable_message(exc)}") from None
 
 
 def decode_image(data: bytes) -> torch.Tensor:
@@ -83,16 +86,12 @@ def decode_image(data: bytes) -> torch.Tensor:
         fast = _decode_jpeg_libjpeg(data)
         if fast is not None and tuple(fast.shape[1:]) == (frame[1], frame[0]):
             return fast
-    return torch.from_numpy(_pil_rgb(data)).permute(2, 0, 1)
+    return torch.from_numpy(_pil(data, source_decode.SHARD_FORMATS, "RGB")).permute(2, 0, 1)
 
 
 def decode_mask(data: bytes) -> torch.Tensor:
     """Encoded mask PNG -> uint8 (H, W)."""
-    try:
-        with source_decode.open_image(data, formats=source_decode.MASK_FORMATS) as image:
-            return torch.from_numpy(np.asarray(image.convert("L")).copy())
-    except RejectedInput as exc:
-        raise ValueError(f"mask: {exc.reason}: {exc.detail}") from None
+    return torch.from_numpy(_pil(data, source_decode.MASK_FORMATS, "L"))
 
 
 def check_jpeg_header(data: bytes) -> bool:

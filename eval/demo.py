@@ -8,23 +8,28 @@ same command a researcher runs on ImageNet; this only chains them.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from pipeline.cli import OneLineParser
 from pipeline.shard_format import MANIFEST_NAME
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+def build_parser() -> OneLineParser:
+    p = OneLineParser(
         prog="python -m eval.demo",
-        description="Build the demo shards (background_check recipe), score the bundled model, write the report.",
+        description="Build the demo shards (all nine variants with masks, background_check recipe), score the "
+        "bundled model, write the report.",
     )
     p.add_argument("--work", default="bgcheck-demo", help="folder for shards/, results/ and report/ (default ./bgcheck-demo)")
     p.add_argument("--recipe", default="background_check", help="build recipe (default background_check)")
     p.add_argument("--models", default=None, help="models to score (default: the bundled tf_efficientnet_lite0)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     from builders import make_shards
     from eval import report, score
@@ -32,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     shards, results, report_dir = work / "shards", work / "results", work / "report"
     print(f"[1/3] building demo shards ({args.recipe}) -> {shards}", flush=True)
-    rc = make_shards.main(["--recipe", args.recipe, "--out", str(shards)])
+    # every variant, with masks: the report's gallery shows them all and eval.challenge needs the masks
+    rc = make_shards.main(["--recipe", args.recipe, "--variant", "all", "--with-masks", "--out", str(shards)])
     if rc:
         return rc
     variants = sorted(d for d in shards.iterdir() if (d / MANIFEST_NAME).exists())
@@ -54,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\nDone.")
     print(f"  shards:      {shards}/<variant>/ (manifest.json, rejected.jsonl)")
     print(f"  predictions: {results}/predictions/<model>/<variant>.csv, scores: {results}/scores.csv")
-    print(f"  report:      {report_dir}/report.md, metrics.csv, metrics.json, fig_*.png")
+    print(f"  report:      {report_dir}/report.html (tables, figures, gallery of the images), report.md, "
+          "metrics.csv, metrics.json, fig_*.png")
     print(f"  open in a browser: {(report_dir / 'report.html').resolve()}")
     return 0
 

@@ -449,7 +449,7 @@ def _above_chance(influence: Influence) -> dict[str, Estimate]:
 
 
 WILSON = "Wilson 95%"
-GROUPS: tuple[MetricGroup, ...] = (
+METRIC_GROUPS: tuple[MetricGroup, ...] = (
     MetricGroup("accuracy", "Accuracy on every variant", "—",
                 "Top-1 over each variant's own samples, Wilson 95% interval."),
     MetricGroup("invariance", "Background invariance", BACKGROUND_CHECK,

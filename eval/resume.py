@@ -23,6 +23,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from pipeline.shard_format.transport import is_pipe, is_remote
 
 PARTS_DIR = ".parts"
 DONE_DIR = ".done"
+REPLACED_DIR = ".replaced"
 
 
 class Scored(Protocol):
@@ -46,9 +48,21 @@ class Scored(Protocol):
 
 
 def shard_id(ref: ShardRef) -> str:
-    """Stable id of a shard across runs: its name plus a hash of where it lives."""
-    digest = hashlib.sha1(ref.url.encode("utf-8")).hexdigest()[:12]
-    return f"{ref.name.replace('/', '_')}-{digest}"
+    """Stable id of a shard across runs and machines: its name plus a hash of its bytes or, lacking one, its place.
+
+    With a manifest the bytes decide (a moved folder, or another mount on another
+    node, is the same shard); without one, where the shard is read from.
+    """
+    label = "pipe" if is_pipe(ref.url) else re.sub(r"[^A-Za-z0-9_.-]", "_", ref.name)[:80]
+    basis = f"sha256:{ref.sha256}" if ref.sha256 else ref.url
+    return f"{label}-{hashlib.sha1(basis.encode('utf-8')).hexdigest()[:12]}"
+
+
+def _folder(url: str) -> str | None:
+    """Where a shard lives, to tell which earlier results the same dataset folder supersedes."""
+    if is_pipe(url):
+        return None
+    return url.rsplit("/", 1)[0] if is_remote(url) else os.path.dirname(os.path.abspath(url))
 
 
 def fingerprint(ref: ShardRef) -> str | None:
@@ -93,19 +107,34 @@ def _has_shard_column(path: Path) -> bool:
         return False
 
 
-def load_ledgers(out: Path, model: Scored) -> dict[str, dict[str, Any]]:
-    """``{variant: ledger}`` for every ledger made with this model's settings whose predictions can be split by shard."""
+def load_ledgers(out: Path, model: Scored, *, other_settings: bool = False) -> dict[str, dict[str, Any]]:
+    """``{variant: ledger}`` of the results in ``out`` made with this model's settings (or, with
+    ``other_settings``, with other settings or by an older version: results a merge must not drop silently)."""
     folder = out / "predictions" / model.id / DONE_DIR
     ledgers: dict[str, dict[str, Any]] = {}
     if not folder.is_dir():
         return ledgers
     for path in sorted(folder.glob("*.json")):
         ledger = _read_json(path)
-        if not ledger or ledger.get("signature") != model.signature or not isinstance(ledger.get("shards"), dict):
-            continue
-        if _has_shard_column(predictions_path(out, model.id, path.stem)):
-            ledgers[path.stem] = ledger
+        usable = (bool(ledger) and ledger.get("signature") == model.signature  # type: ignore[union-attr]
+                  and isinstance(ledger.get("shards"), dict)  # type: ignore[union-attr]
+                  and _has_shard_column(predictions_path(out, model.id, path.stem)))
+        if usable != other_settings:
+            ledgers[path.stem] = ledger or {}
     return ledgers
+
+
+def set_aside(out: Path, model_id: str, variant: str) -> Path:
+    """Move a variant's results made with other settings out of the way (kept, never deleted)."""
+    folder = out / "predictions" / model_id / REPLACED_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    n = 1 + sum(1 for _ in folder.glob(f"{variant}-*.csv"))
+    kept = folder / f"{variant}-{n}.csv"
+    for src, dst in ((predictions_path(out, model_id, variant), kept), (done_path(out, model_id, variant),
+                                                                        kept.with_suffix(".json"))):
+        if src.exists():
+            os.replace(src, dst)
+    return kept
 
 
 def _current(entry: dict[str, Any], ref: ShardRef) -> bool:
@@ -191,10 +220,25 @@ def _part_entry(part: dict[str, Any], variant: str) -> dict[str, Any]:
     }
 
 
-def merge_model(out: Path, model: Scored, refs: Sequence[ShardRef], limit: int | None) -> list[str]:
-    """Fold this run's parts into the predictions of ``model``; returns the variants this run covers."""
+@dataclass
+class MergeOutcome:
+    variants: list[str]  # the variants this run covers for the model
+    set_aside: list[Path]  # results made with other settings, moved to .replaced/
+
+
+def merge_model(out: Path, model: Scored, refs: Sequence[ShardRef], limit: int | None) -> MergeOutcome:
+    """Fold this run's parts into the predictions of ``model``.
+
+    Shard by shard the newest rows win: a part if there is one, else the
+    ledger's own rows. Ledger entries of shards that this run's shards
+    supersede (the same dataset folder, other bytes or another shard set) are
+    dropped; results of the same variant made with other settings are set
+    aside in ``.replaced/``, never overwritten.
+    """
     refs_by_sid = {shard_id(r): r for r in refs}
+    run_folders = {_folder(r.url) for r in refs} - {None}
     ledgers = load_ledgers(out, model)
+    others = load_ledgers(out, model, other_settings=True)
     parts = {sid: part for sid, ref in refs_by_sid.items() if (part := load_part(out, model, ref)) is not None}
     covered = {sid for ledger in ledgers.values() for sid, e in ledger["shards"].items()
                if sid in refs_by_sid and _current(e, refs_by_sid[sid])}
@@ -202,14 +246,17 @@ def merge_model(out: Path, model: Scored, refs: Sequence[ShardRef], limit: int |
     if missing:
         raise EvalError(f"{model.id}: no results for shard(s) {', '.join(missing[:3])} (a rank failed?)")
     variants = set(ledgers) | {v for part in parts.values() for v in part["variants"]}
-    run_variants: list[str] = []
+    outcome = MergeOutcome([], [])
     for variant in sorted(variants):
         ledger = ledgers.get(variant, {"shards": {}})
-        sids = set(ledger["shards"]) | {sid for sid, p in parts.items() if variant in p["variants"]}
+        kept = {sid: e for sid, e in ledger["shards"].items()
+                if sid in refs_by_sid or _folder(str(e.get("url", ""))) not in run_folders}
+        sids = set(kept) | {sid for sid, p in parts.items() if variant in p["variants"]}
         if not sids & set(refs_by_sid):
             continue  # nothing of this run: the variant's results stay as they are
-        run_variants.append(variant)
-        if not any(variant in parts[sid]["variants"] for sid in sids if sid in parts):
+        outcome.variants.append(variant)
+        fresh = any(variant in parts[sid]["variants"] for sid in sids if sid in parts)
+        if not fresh and len(kept) == len(ledger["shards"]):
             continue  # every shard of this run was already merged
         old = _rows_by_shard(out, model.id, variant) if variant in ledgers else {}
         rows: list[list[Any]] = []
@@ -220,17 +267,20 @@ def merge_model(out: Path, model: Scored, refs: Sequence[ShardRef], limit: int |
                     rows += parts[sid]["variants"][variant]["rows"]
                     entries[sid] = _part_entry(parts[sid], variant)
                 continue  # rescored, and it holds no sample of this variant any more
-            entry = ledger["shards"][sid]
-            kept = old.get(sid, [])
-            if len(kept) != int(entry.get("n", -1)):
-                raise EvalError(f"{model.id}/{variant}: {predictions_path(out, model.id, variant)} holds {len(kept)} "
-                                f"rows of {entry.get('shard', sid)}, its ledger {entry.get('n')}: rescore into a new --out")
-            rows += kept
+            entry = kept[sid]
+            rows_of_shard = old.get(sid, [])
+            if len(rows_of_shard) != int(entry.get("n", -1)):
+                raise EvalError(f"{model.id}/{variant}: {predictions_path(out, model.id, variant)} holds "
+                                f"{len(rows_of_shard)} rows of {entry.get('shard', sid)}, its ledger {entry.get('n')}: "
+                                "rescore into a new --out")
+            rows += rows_of_shard
             entries[sid] = entry
         uncovered = [r.name for sid, r in refs_by_sid.items() if r.variant == variant and sid not in entries]
         if uncovered:
             raise EvalError(f"{model.id}/{variant}: no results for {', '.join(uncovered[:3])}")
         check_exactly_once(model.id, variant, rows, entries, limit)
+        if variant in others:
+            outcome.set_aside.append(set_aside(out, model.id, variant))
         write_predictions(predictions_path(out, model.id, variant), Predictions.from_rows(rows))
         atomic_write_text(done_path(out, model.id, variant),
                           json.dumps({"signature": model.signature, "shards": entries}, indent=1, sort_keys=True))
@@ -239,7 +289,7 @@ def merge_model(out: Path, model: Scored, refs: Sequence[ShardRef], limit: int |
     parts_dir = out / "predictions" / model.id / PARTS_DIR
     if parts_dir.is_dir() and not any(parts_dir.iterdir()):
         parts_dir.rmdir()
-    return run_variants
+    return outcome
 
 
 def check_exactly_once(

@@ -8,8 +8,8 @@ variant) with the exact weights and preprocessing used (``eval.scores_csv``).
 
 Resume (``eval.resume``): each (model, shard) is committed when the shard has
 been read and verified completely; a rerun skips committed shards and merges
-exactly once. Under ``torchrun`` each rank scores the shards ``i % world ==
-rank``, every rank learns when one fails, and rank 0 merges.
+exactly once. Under ``torchrun`` rank r scores every world-th shard still to
+do (from the r-th), every rank learns when one fails, and rank 0 merges.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from eval.scores_csv import SCORES_NAME, error_row, print_summary, score_row, wr
 from eval.stream import Batch, ReadOptions, StreamError, images_to_device, make_loader
 from pipeline.cli import OneLineParser, show_progress
 from pipeline.locks import FolderBusy, exclusive
-from pipeline.shard_format import ShardRef, ShardSpecError, resolve_shards, unverified
+from pipeline.shard_format import MANIFEST_NAME, ShardRef, ShardSpecError, resolve_shards, unverified
 from pipeline.shard_format.transport import TransferPolicy
 
 DEFAULT_SHARDS_GLOB = "shards/*/"
@@ -136,11 +136,15 @@ def run_scoring(args: argparse.Namespace, refs: Sequence[ShardRef], models: Sequ
                 n_images += len(batch.keys)
                 bar.update(len(batch.keys))
             if batch.end is not None:
+                if batch.end.ignored_count:  # e.g. a key with a dot (a.b.jpg): not a sample of the format
+                    print(f"warning: shard {batch.end.shard}: {batch.end.ignored_count} member(s) outside the "
+                          f"shard format ignored (e.g. {batch.end.ignored[0]})", file=sys.stderr)
                 skipped = {str(v): int(n) for v, n in batch.end.skipped.items()}
                 for m in active:
                     if models[m].error is None:
                         acc = results.pop((m, s), ShardResults())
-                        write_part(out, models[m], refs[s], acc.rows, skipped, acc.seconds, "", device.type)
+                        write_part(out, models[m], refs[s], acc.rows, skipped, acc.seconds, batch.end.sha256,
+                                   device.type)
                 if after_shard_hook is not None:
                     after_shard_hook(shard_id(refs[s]))
     finally:
@@ -158,7 +162,7 @@ def default_shard_specs() -> list[str]:
     return sorted(
         folder
         for folder in glob.glob(DEFAULT_SHARDS_GLOB)
-        if Path(folder, "manifest.json").is_file() or any(Path(folder).glob("*.tar"))
+        if Path(folder, MANIFEST_NAME).is_file() or any(Path(folder).glob("*.tar"))
     )
 
 
@@ -229,7 +233,7 @@ def _init_distributed(device_name: str) -> tuple[int, int, int]:
 
 
 def _agree(world: int, device: torch.device, failure: str | None) -> None:
-    """Every rank learns whether any rank failed, so none waits at a barrier for a peer that is gone."""
+    """Every rank learns whether any rank failed, so none waits at a collective for a peer that is gone."""
     if world > 1:
         flag = torch.tensor([1 if failure else 0], device=device if device.type == "cuda" else "cpu")
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -237,6 +241,34 @@ def _agree(world: int, device: torch.device, failure: str | None) -> None:
             failure = "another rank failed (its error is above)"
     if failure:
         raise EvalError(failure)
+
+
+def _together(world: int, device: torch.device, action: Callable[[], Any]) -> Any:
+    """``action()`` on every rank; when it fails on any rank, every rank stops with one line.
+
+    In one process the error is raised as it is (the CLI words it); under
+    torchrun each rank reaches the same collective whatever happened to it.
+    """
+    if world == 1:
+        return action()
+    failure, result = None, None
+    try:
+        result = action()
+    except Exception as exc:  # noqa: BLE001 - any failure must reach the other ranks, not strand them
+        failure = _one_line(exc)
+    _agree(world, device, failure)
+    return result
+
+
+def _same_models(world: int, ids: list[str]) -> None:
+    """Ranks must score the same models (``--skip-unavailable`` may skip different ones on different nodes)."""
+    if world == 1:
+        return
+    every: list[list[str] | None] = [None] * world
+    torch.distributed.all_gather_object(every, ids)
+    if any(other != ids for other in every):
+        raise EvalError(f"the ranks have different models ({' | '.join(','.join(o or []) for o in every)}): "
+                        "make the same weights available on every node")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -263,14 +295,13 @@ def run(args: argparse.Namespace) -> RunStats:
         torch.backends.cudnn.benchmark = True  # one input size per model: autotune once
     out = Path(args.out)
     with contextlib.ExitStack() as stack:
-        failure = None
-        try:
+
+        def prepare() -> list[ShardRef]:
             if rank == 0:  # one evaluation per --out at a time; the ranks of this one share it
                 stack.enter_context(exclusive(out, "evaluation"))
-            refs = resolve_shards(specs, args.policy)
-        except (FolderBusy, ShardSpecError, StreamError) as exc:
-            failure = _one_line(exc)
-        _agree(world, device, failure)
+            return resolve_shards(specs, args.policy)
+
+        refs = _together(world, device, prepare)
         if rank == 0:
             weak = unverified(refs)
             if args.no_verify:
@@ -279,20 +310,16 @@ def run(args: argparse.Namespace) -> RunStats:
             elif weak:
                 print(f"WARNING: the manifest lists {len(weak)} shard(s) (e.g. {weak[0].name}) without sha256 and "
                       "size: their bytes are read unverified", file=sys.stderr)
-        models = build_models(
+        models = _together(world, device, lambda: build_models(
             ",".join(args.models) if args.models else None, device, registry=args.registry,
             weights_dir=args.weights_dir, precision=args.precision, random_weights=args.random_weights,
             skip_unavailable=args.skip_unavailable, channels_last=args.channels_last, compile_model=args.compile,
             in9_rule=args.in9_rule, limit=args.limit,
-        )
-        work = pending_work(out, models, refs)
-        _agree(world, device, None)  # every rank has planned before anyone writes a part
+        ))
+        _same_models(world, [m.id for m in models])
+        work = _together(world, device, lambda: pending_work(out, models, refs))  # planned before any part is written
         started = time.perf_counter()
-        try:
-            n_images = run_scoring(args, refs, models, work, device, world)
-        except (EvalError, StreamError, OSError) as exc:
-            failure = _one_line(exc)
-        _agree(world, device, failure)
+        n_images = _together(world, device, lambda: run_scoring(args, refs, models, work, device, world))
         seconds = time.perf_counter() - started
         if world > 1:
             mine = list(split_by_node(iter(work.shard_indices)))
@@ -306,7 +333,11 @@ def run(args: argparse.Namespace) -> RunStats:
             if model.id in failed:
                 rows += [error_row(model, v, device.type) for v in run_variants]
                 continue
-            rows += [score_row(out, model, v, device.type) for v in merge_model(out, model, refs, args.limit)]
+            merged = merge_model(out, model, refs, args.limit)
+            for kept in merged.set_aside:
+                print(f"warning: {model.id}: results made with other settings (weights, precision, preprocessing, "
+                      f"--in9-rule or --limit) were replaced; the old ones are kept in {kept}", file=sys.stderr)
+            rows += [score_row(out, model, v, device.type) for v in merged.variants]
         if args.label_space == "in9" and rows and not any(r["in9_top1"] for r in rows):
             raise EvalError("--label-space in9: no sample carries an ImageNet-9 label")
         write_scores(out, rows)
@@ -329,8 +360,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         stats = run(args)
-    except (EvalError, ShardSpecError, StreamError, zoo.UnknownModel, zoo.WeightsUnavailable, OSError) as exc:
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+    except (EvalError, FolderBusy, ShardSpecError, StreamError, zoo.UnknownModel, zoo.WeightsUnavailable,
+            OSError) as exc:
+        sys.stderr.write(f"error: {_one_line(exc)}\n")  # one write: under torchrun the ranks share stderr
+        sys.stderr.flush()
         return 2
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():

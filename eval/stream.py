@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,8 +34,8 @@ from pipeline.classes import to_in9
 from pipeline.records import RejectedInput
 from pipeline.shard_format.errors import StreamError
 from pipeline.shard_format.locate import ShardRef, resolve_shards
-from pipeline.shard_format.reader import BadShard, ShardSample, ShardTally, read_shard
-from pipeline.shard_format.spec import MASK_EXTENSION
+from pipeline.shard_format.reader import ReadStopped, ShardSample, ShardTally, read_shard
+from pipeline.shard_format.spec import MASK_EXTENSION, NUM_CLASSES
 from pipeline.shard_format.transport import DEFAULT_POLICY, TransferPolicy
 
 __all__ = ["Sample", "ShardEnd", "ReadOptions", "Batch", "StreamError", "samples", "iter_shard", "make_loader",
@@ -60,7 +60,7 @@ class Sample:
     def bg_label(self) -> int:
         """The class of the image whose background a mixed sample carries (-1 for other variants)."""
         value = self.meta.get("bg_label")
-        return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1000 else -1
+        return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < NUM_CLASSES else -1
 
 
 @dataclass
@@ -69,7 +69,10 @@ class ShardEnd:
 
     shard: str
     n_read: int
+    sha256: str = ""  # of the bytes read (verified against the manifest when it had one)
     skipped: dict[str, int] = field(default_factory=dict)
+    ignored: list[str] = field(default_factory=list)  # members outside the format, never read (a few names)
+    ignored_count: int = 0
 
 
 @dataclass(frozen=True)
@@ -91,11 +94,11 @@ class _EvalSink:
 
     def sample(self, key: str, message: str, variant: str | None) -> None:
         if not self.skip:
-            raise BadShard(f"shard {self.ref.name}, key {key}: {message}")
+            raise ReadStopped(f"shard {self.ref.name}, key {key}: {message}")
         self.skipped[variant] += 1
 
     def shard(self, message: str) -> None:
-        raise BadShard(f"shard {self.ref.name}: {message}")
+        raise ReadStopped(f"shard {self.ref.name}: {message}")
 
     def by_variant(self, seen: set[str]) -> dict[str, int]:
         """Skips per variant; a skip whose variant is unknown counts for the shard's (single) variant."""
@@ -120,6 +123,26 @@ def _decoded(raw: ShardSample, ref: ShardRef, options: ReadOptions) -> Sample:
     return sample
 
 
+def _verified(ref: ShardRef, options: ReadOptions, sink: _EvalSink, tally: ShardTally) -> Iterator[ShardSample]:
+    """The shard's good samples as bytes; the end checks have passed once this is exhausted."""
+    yield from read_shard(ref, sink, verify=options.verify, policy=options.policy, tally=tally)
+    if not tally.complete:  # every path that leaves a shard unverified raises through the sink
+        raise ReadStopped(f"shard {ref.name}: not read to its end")
+
+
+def _decode_or_skip(raw: ShardSample, ref: ShardRef, options: ReadOptions, sink: _EvalSink) -> Sample | None:
+    try:
+        return _decoded(raw, ref, options)
+    except (ValueError, OSError, RejectedInput) as exc:
+        sink.sample(raw.key, str(exc).splitlines()[0] if str(exc) else type(exc).__name__, raw.variant)
+        return None
+
+
+def _end(ref: ShardRef, n_read: int, sink: _EvalSink, tally: ShardTally, seen: set[str]) -> ShardEnd:
+    return ShardEnd(shard=ref.name, n_read=n_read, sha256=tally.sha256, skipped=sink.by_variant(seen),
+                    ignored=tally.ignored, ignored_count=tally.ignored_count)
+
+
 def iter_shard(ref: ShardRef, options: ReadOptions) -> Iterator[Sample | ShardEnd]:
     """Samples of one shard in tar order, then a :class:`ShardEnd` once the shard is verified.
 
@@ -131,18 +154,15 @@ def iter_shard(ref: ShardRef, options: ReadOptions) -> Iterator[Sample | ShardEn
     tally = ShardTally(ref.name)
     n_read = 0
     seen: set[str] = set()
-    for raw in read_shard(ref, sink, verify=options.verify, policy=options.policy, tally=tally):
+    for raw in _verified(ref, options, sink, tally):
         if options.limit is not None and n_read >= options.limit:
             continue  # read on without decoding: the shard is still verified and counted
-        try:
-            sample = _decoded(raw, ref, options)
-        except (ValueError, OSError, RejectedInput) as exc:
-            sink.sample(raw.key, str(exc).splitlines()[0] if str(exc) else type(exc).__name__, raw.variant)
-            continue
-        seen.add(sample.variant)
-        n_read += 1
-        yield sample
-    yield ShardEnd(shard=ref.name, n_read=n_read, skipped=sink.by_variant(seen))
+        sample = _decode_or_skip(raw, ref, options, sink)
+        if sample is not None:
+            seen.add(sample.variant)
+            n_read += 1
+            yield sample
+    yield _end(ref, n_read, sink, tally, seen)
 
 
 def samples(
@@ -157,20 +177,21 @@ def samples(
 
     ``spec`` is anything ``eval.score --shards`` takes (a variant folder, a
     manifest path or URL, a brace pattern, ``pipe:CMD``). A shard's samples
-    are yielded only after the whole shard has been read and verified against
-    its manifest (encoded bytes are held meanwhile, about a shard's size), so a
+    are decoded and yielded only after the whole shard has been read and, when
+    a manifest lists it, verified against its sha256, size and count (the
+    encoded bytes are held meanwhile: about the shard's size in memory), so a
     loop never sees bytes the manifest does not vouch for. Each
     :class:`Sample` carries ``key``, ``label``, ``in9_label``, ``variant``,
     ``bg_label``, the provenance ``meta`` and ``image`` as uint8 (3, H, W).
     """
     options = ReadOptions(verify=verify, on_error=on_error, decode_masks=masks, policy=policy)
     for ref in resolve_shards(spec if isinstance(spec, str) else list(spec), policy):
-        held = list(iter_shard(ref, replace(options, defer_jpeg=True)))  # encoded until verified
-        for item in held:
-            if isinstance(item, Sample):
-                if item.encoded is not None:
-                    item.image, item.encoded = decode.decode_image(item.encoded.numpy().tobytes()), None
-                yield item
+        sink = _EvalSink(ref, on_error == "skip")
+        held = list(_verified(ref, options, sink, ShardTally(ref.name)))
+        for raw in held:
+            sample = _decode_or_skip(raw, ref, options, sink)
+            if sample is not None:
+                yield sample
 
 
 # ---------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.records import RejectedInput
+from pipeline.shard_format.spec import IMAGE_CODECS
 
 # The one decompression-bomb limit of the project (builder inputs, masks, textures, and the
 # evaluator's and verifier's shard images): 8192 x 8192. ImageNet's largest photos are far below
@@ -32,11 +33,13 @@ MIN_SIDE = 8
 
 # What each context decodes (PIL format names). Sources: ImageNet is JPEG, with one PNG named
 # .JPEG, and the readers list .jpeg/.jpg/.png. Masks: PNG (ImageNet-S, our own .mask.png).
-# Textures: the extensions builders.plan lists for --textures. Shards: what the format defines.
+# Textures: the files TEXTURE_SUFFIXES names. Shards: the codecs the shard format defines.
 SOURCE_FORMATS = ("JPEG", "PNG")
 MASK_FORMATS = ("PNG",)
 TEXTURE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
-SHARD_FORMATS = ("JPEG", "PNG", "WEBP")
+# The file names a --textures folder is searched for (the formats above by their usual extensions).
+TEXTURE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+SHARD_FORMATS = tuple(IMAGE_CODECS.values())
 
 # Magic numbers of formats people put under an image name, only to say what a refused file is.
 _SIGNATURES = (

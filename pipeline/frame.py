@@ -16,6 +16,8 @@ from PIL import Image
 
 from pipeline.records import Box
 
+# The resampling a build may use for the frame (nearest is for masks only).
+FRAME_INTERPOLATIONS = ("bilinear", "bicubic", "lanczos")
 _PIL_FILTERS = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,

@@ -33,6 +33,10 @@ IMAGENET_S_OTHER = 0
 IMAGENET_S_IGNORED = 1000
 
 
+# Where a foreground mask comes from: the class's boxes, a segmentation, or GrabCut seeded by the boxes.
+MASK_SOURCES = ("box", "segm", "grabcut")
+
+
 @dataclass(frozen=True)
 class SelectionFilters:
     """Noise-or-Signal selection rules; each can be switched off (None/False)."""

@@ -7,6 +7,8 @@ machine draws the same pixels.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 from PIL import Image
 
@@ -51,15 +53,16 @@ def procedural_texture(index: int, size: int) -> np.ndarray:
 
 
 def texture_frame(texture: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """A texture image into the frame: shorter side to ``size``, random crop drawn from ``rng``."""
+    """A texture image into the frame: shorter side to ``size``, a random crop drawn from ``rng``.
+
+    Only the crop's region is resampled, so a texture of any shape (a 1 x 20000
+    strip would be 224 x 4.5 M pixels resized whole) costs one frame of memory.
+    """
     h, w = texture.shape[:2]
     frame = frame_for(w, h, resize=size, size=size)
-    if frame.resized != (w, h):
-        texture = np.asarray(
-            Image.fromarray(texture).resize(frame.resized, Image.Resampling.BILINEAR), dtype=np.uint8
-        )
     rw, rh = frame.resized
     left = int(rng.integers(0, rw - size + 1))
     top = int(rng.integers(0, rh - size + 1))
-    out = texture[top : top + size, left : left + size]
-    return np.ascontiguousarray(out) if out.shape[:2] == (size, size) else frame_image(texture, frame)
+    if frame.resized == (w, h):
+        return np.ascontiguousarray(texture[top : top + size, left : left + size])
+    return frame_image(texture, replace(frame, offset=(left, top)))

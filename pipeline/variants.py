@@ -21,7 +21,7 @@ from pipeline.rng import rng_for
 
 FILLS = ("black", "white", "gray", "mean", "noise")
 # What each group of variants measures (the metrics read a variant's group, never a list of ids).
-GROUPS = {
+VARIANT_GROUPS = {
     "original": "the framed source, the clean reference",
     "novel_background": "the foreground on a background it was not photographed with (Background Check invariance)",
     "background_only": "no foreground left (Background Check influence; Noise or Signal Only-BG)",
@@ -209,7 +209,7 @@ VARIANTS: tuple[str, ...] = tuple(VARIANT_SPECS)
 
 
 def variants_in_group(group: str) -> tuple[str, ...]:
-    if group not in GROUPS:
+    if group not in VARIANT_GROUPS:
         raise ValueError(f"unknown variant group {group!r}")
     return tuple(v for v, spec in VARIANT_SPECS.items() if spec.group == group)
 

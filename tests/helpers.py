@@ -26,3 +26,18 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def torchrun_launcher(folder: Path) -> Path:
+    """A script torchrun starts in each rank: the tiny zoo registered, then ``eval.score``'s command line."""
+    root = Path(__file__).resolve().parent.parent
+    launcher = Path(folder) / "score_with_tiny_zoo.py"
+    launcher.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(root)!r})\n"
+        "from tests.tiny_zoo import install_tiny_zoo\n"
+        "install_tiny_zoo()\n"
+        "from eval import score\n"
+        "sys.exit(score.main(sys.argv[1:]))\n"
+    )
+    return launcher

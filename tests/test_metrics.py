@@ -242,7 +242,7 @@ def test_metric_table_is_consistent():
 
     names = [m.name for m in M.METRICS]
     assert len(set(names)) == len(names)
-    groups = {g.name for g in M.GROUPS}
+    groups = {g.name for g in M.METRIC_GROUPS}
     for m in M.METRICS:
         assert m.group in groups, m.name
         assert set(m.per_variant) | set(m.reads_also) <= set(VARIANTS), m.name

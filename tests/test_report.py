@@ -1,10 +1,12 @@
-"""eval.report end to end on tiny synthetic predictions for three fake models."""
+"""eval.report end to end: tiny synthetic predictions for three fake models, and the gallery on real demo shards."""
 
 from __future__ import annotations
 
 import csv
+import html
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +68,18 @@ def colored_pixels(path: Path) -> int:
     """Pixels that are clearly not gray: empty axes (black lines, gray text on white) have none."""
     rgb = np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
     return int(((rgb.max(axis=2) - rgb.min(axis=2)) > 60).sum())
+
+
+def build_demo_shards(out: Path, variants: tuple[str, ...], shard_size: int = 5) -> dict[str, dict[str, dict]]:
+    """The embedded demo built for real; per variant, each sample's label, bg_key and bg_label as the shards hold them."""
+    from builders.make_shards import build, parse_args
+    from eval.stream import samples
+
+    config, _ = parse_args(["--variant", ",".join(variants), "--out", str(out), "--shard-size", str(shard_size),
+                            "--no-progress"])
+    build(config, progress=False)
+    return {v: {s.key: {"label": s.label, "in9_label": s.in9_label, "bg_key": s.meta.get("bg_key"),
+                        "bg_label": s.bg_label} for s in samples(str(out / v))} for v in variants}
 
 
 @pytest.fixture(scope="module")
@@ -450,3 +464,158 @@ def test_cli_module_runs_without_progress_bars_in_pipes(results, tmp_path):
     assert str(out) in proc.stdout and (out / "report.html").resolve().as_uri() in proc.stdout
     assert (out / "metrics.csv").stat().st_size > 0 and (out / "fig_bg_gap.png").exists()
     assert "models:" not in proc.stderr and "\r" not in proc.stderr, proc.stderr
+
+
+# ---------------------------------------------------------------- the gallery: where its images come from
+
+GALLERY_KEYS = 14  # the embedded demo's photos
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory) -> Path:
+    """Demo shards (original, mixed_rand; 5 samples a shard) scored by eval.score with the tiny zoo: real ledgers.
+
+    The random net's answers are then rewritten so that every key is a flip (right on original, wrong on
+    mixed_rand, p(true) falling by a different amount each): the gallery has rows whatever the net said.
+    """
+    from tests.helpers import score_cli
+    from tests.tiny_zoo import tiny_zoo_registered
+
+    root = tmp_path_factory.mktemp("scored")
+    build_demo_shards(root / "shards", ("original", "mixed_rand"))
+    with tiny_zoo_registered():
+        assert score_cli("--shards", root / "shards" / "original", "--shards", root / "shards" / "mixed_rand",
+                         "--models", "tiny_a", "--out", root / "results", "--random-weights", "--device", "cpu",
+                         "--workers", "0", "--batch-size", "4") == 0
+    for variant, right in (("original", True), ("mixed_rand", False)):
+        path = predictions_path(root / "results", "tiny_a", variant)
+        p = read_predictions(path)
+        p.pred[:] = p.label if right else (p.label + 1) % 1000
+        p.p_true[:] = 0.9 if right else np.linspace(0.0, 0.5, len(p))
+        write_predictions(path, p)
+    return root
+
+
+def _gallery(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())["gallery"]
+
+
+def _row_keys(out: Path) -> list[str]:
+    return re.findall(r'<div class="gallery-row" data-key="([^"]+)"', (out / "report.html").read_text())
+
+
+def test_gallery_finds_the_shards_eval_score_recorded(scored, tmp_path):
+    results, shards = scored / "results", scored / "shards"
+    urls = {e["url"] for ledger in (results / "predictions" / "tiny_a" / ".done").glob("*.json")
+            for e in json.loads(ledger.read_text())["shards"].values()}
+    assert len(urls) == 6 and all(Path(u).is_file() for u in urls)  # 3 shards a variant, where they were read
+    out = tmp_path / "report"
+    assert report.main([str(results), "--out", str(out), "--gallery-size", "4", "--bootstrap", "0"]) == 0
+    gallery = _gallery(out)
+    assert gallery["shown"] and gallery["reference_model"] == "tiny_a"
+    # Each ledger url lies beside the manifest that lists it: read through the manifest, verified.
+    assert sorted(gallery["sources"]) == sorted(str((shards / v / "manifest.json").resolve())
+                                                for v in ("original", "mixed_rand"))
+    assert gallery["variants"] == ["original", "mixed_rand"]
+    flips = gallery["sections"]["flips"]
+    assert len(flips) == len(set(flips)) == 4 and _row_keys(out) == flips
+    # mixed_rand's p(true) rises with the key's rank, so the largest drops are the first keys (none switched).
+    keys = sorted(read_predictions(predictions_path(results, "tiny_a", "original")).keys)
+    switched = read_predictions(predictions_path(results, "tiny_a", "mixed_rand"))
+    assert not (switched.pred == switched.bg_label).any()
+    assert flips == keys[:4]
+    text = (out / "report.html").read_text()
+    assert "no only_bg_t predictions: showing the largest flips on mixed_rand instead." in text
+    assert text.count('<img loading="lazy"') == gallery["thumbnails"] >= 4 * 2
+
+
+def test_gallery_reads_only_what_it_shows(scored, tmp_path, monkeypatch):
+    """It stops reading a variant once its chosen keys are found, and keeps thumbnails of those keys alone."""
+    import eval.stream
+
+    yielded: list[tuple[str, str]] = []
+    real = eval.stream.samples
+
+    def counting(spec, **kwargs):
+        for sample in real(spec, **kwargs):
+            yielded.append((sample.variant, sample.key))
+            yield sample
+
+    monkeypatch.setattr(eval.stream, "samples", counting)
+    summary = report.build_report(scored / "results", tmp_path / "out", n_boot=0, models_json=tmp_path / "none.json",
+                                  gallery_size=1)
+    gallery = summary["gallery"]
+    (key,) = gallery["sections"]["flips"]
+    assert ("original", key) in yielded and ("mixed_rand", key) in yielded
+    assert len(yielded) < 2 * GALLERY_KEYS  # not every sample of both variants
+    assert gallery["thumbnails"] <= 3  # the key in both variants, and the photo its mixed background came from
+
+
+def test_gallery_from_shards_option_when_the_recorded_shards_are_gone(scored, tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(scored / "results", results)
+    shards = str((scored / "shards").resolve())
+    for ledger in (results / "predictions" / "tiny_a" / ".done").glob("*.json"):
+        ledger.write_text(ledger.read_text().replace(shards, str(tmp_path / "moved-away")))
+    out = tmp_path / "stale"
+    summary = report.build_report(results, out, n_boot=0, models_json=tmp_path / "none.json")
+    assert not summary["gallery"]["shown"]
+    reason = summary["gallery"]["reason"]
+    assert reason.startswith("No gallery: none of the 6 chosen images was found") and "\n" not in reason
+    assert html.escape(reason) in (out / "report.html").read_text() and reason in (out / "report.md").read_text()
+    assert any(n.startswith("gallery: shards ") and "moved-away" in n for n in summary["notes"])
+    # --shards takes what eval.score --shards takes: here one brace pattern for both variant folders.
+    out = tmp_path / "given"
+    spec = f"{scored / 'shards'}/{{original,mixed_rand}}"
+    assert report.main([str(results), "--out", str(out), "--shards", spec, "--bootstrap", "0"]) == 0
+    gallery = _gallery(out)
+    assert gallery["shown"] and gallery["sources"] == [str(scored / "shards" / v) for v in ("original", "mixed_rand")]
+    assert _row_keys(out) == gallery["sections"]["flips"] and len(_row_keys(out)) == 6
+
+
+def test_no_gallery_without_shards_says_why_in_one_line(scored, tmp_path, capsys):
+    results = tmp_path / "results"
+    for variant in ("original", "mixed_rand"):  # predictions without their ledgers
+        target = predictions_path(results, "tiny_a", variant)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(predictions_path(scored / "results", "tiny_a", variant), target)
+    out = tmp_path / "report"
+    assert report.main([str(results), "--out", str(out), "--bootstrap", "0"]) == 0
+    reason = _gallery(out)["reason"]
+    assert reason.startswith("No gallery: no --shards given and no ledger under ") and "pass --shards SPEC" in reason
+    assert reason in capsys.readouterr().out
+    page = (out / "report.html").read_text()
+    assert html.escape(reason) in page and 'id="gallery"' in page and "<img loading" not in page
+    assert 'data-table="in1k-accuracy"' in page  # the rest of the page is all there
+    assert reason in (out / "report.md").read_text()
+    assert report.main([str(results), "--out", str(out), "--gallery-size", "0"]) == 0
+    assert _gallery(out)["reason"] == "No gallery: --gallery-size 0."
+    assert report.main([str(results), "--out", str(out), "--gallery-model", "nope"]) == 2
+    assert "--gallery-model nope" in capsys.readouterr().err
+
+
+def test_gallery_sample_is_seeded_by_key_alone():
+    """Same seed, same rows; another seed, other rows; and a key's chance never depends on the other keys."""
+    from eval.report.gallery import PredictionStore, choose_sections
+
+    rng = np.random.default_rng(2)
+    keys = np.array([f"k{i:03d}" for i in range(60)], dtype=object)
+    correct = {"original": np.ones(60, bool), "mixed_rand": np.zeros(60, bool), "only_bg_t": np.ones(60, bool)}
+    base = {v: make_predictions(keys, c, rng) for v, c in correct.items()}  # all 60 are BG Required
+
+    def bg_required(preds: dict[str, Predictions], seed: int) -> list[str]:
+        store = PredictionStore()
+        store.add("m", preds)
+        sections, _ = choose_sections(store, "m", 5, seed)
+        (section,) = [s for s in sections if s.ident == "bg_required"]
+        assert section.candidates == len(preds["original"])
+        return [r.key for r in section.rows]
+
+    chosen = bg_required(base, 0)
+    assert len(chosen) == len(set(chosen)) == 5
+    assert bg_required(base, 0) == chosen
+    assert len({tuple(bg_required(base, s)) for s in range(6)}) > 1
+    # Drop ten keys that were not chosen: the chosen five stay the chosen five.
+    dropped = [k for k in keys if k not in chosen][:10]
+    fewer = {v: p.where(~np.isin(p.keys, dropped)) for v, p in base.items()}
+    assert bg_required(fewer, 0) == chosen

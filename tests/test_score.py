@@ -19,7 +19,7 @@ from eval import decode, score, zoo
 from eval.predictions import predictions_path, read_predictions
 from pipeline.classes import in9_mapping
 from pipeline.shard_format import MANIFEST_NAME
-from tests.helpers import free_port, read_scores, score_cli
+from tests.helpers import free_port, read_scores, score_cli, torchrun_launcher
 from tests.shard_fixtures import read_members, write_tar, write_variant
 from tests.tiny_zoo import tiny_zoo_registered
 
@@ -294,15 +294,7 @@ def test_predictions_match_a_plain_loop(tmp_path):
 
 def test_torchrun_two_processes_equal_one(reference, shards, tmp_path):
     out = tmp_path / "out"
-    launcher = tmp_path / "score_with_tiny_zoo.py"
-    launcher.write_text(
-        "import sys\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "from tests.tiny_zoo import install_tiny_zoo\n"
-        "install_tiny_zoo()\n"
-        "from eval import score\n"
-        "sys.exit(score.main(sys.argv[1:]))\n"
-    )
+    launcher = torchrun_launcher(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",

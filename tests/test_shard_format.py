@@ -9,10 +9,12 @@ allow-list, the bounds, strict manifests) are pinned here on hand-made tars.
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import hashlib
 import io
 import json
+import lzma
 import shutil
 import tarfile
 from pathlib import Path
@@ -158,7 +160,7 @@ def test_members_outside_the_allow_list_are_never_extracted(tmp_path, monkeypatc
     tally = ShardTally(ref.name)
     keys = [s.key for s in read_shard(ref, sink, tally=tally)]
     assert keys == ["img0000", "img0001"] and sink.samples == sink.shards == []
-    assert tally.complete and tally.refused == ["img0001.pyd", "notes"]
+    assert tally.complete and tally.ignored == ["img0001.pyd", "notes"]
     assert not [n for n in extracted if n.endswith(".pyd") or n == "notes"]
 
 
@@ -172,12 +174,28 @@ def test_a_member_over_the_bound_is_refused_before_it_fills_memory(tmp_path, mon
     assert len(sink.shards) == 1 and "k.jpg is larger than 4096 bytes" in sink.shards[0], sink.shards
 
 
-def test_a_compressed_tar_is_refused(tmp_path):
-    raw = tar_bytes([("k.cls", b"1"), ("k.json", b"{}")])
-    (tmp_path / "s.tar").write_bytes(gzip.compress(raw))
+@pytest.mark.parametrize("compress", [
+    gzip.compress,
+    bz2.compress,
+    lambda data: lzma.compress(data, format=lzma.FORMAT_XZ),
+    lambda data: lzma.compress(data, format=lzma.FORMAT_ALONE),  # old .lzma: tarfile inflates it too
+])
+def test_a_compressed_tar_is_refused_before_it_is_inflated(tmp_path, compress):
+    raw = tar_bytes([("k.cls", b"1"), ("k.jpg", b"\0" * (8 << 20)), ("k.json", b"{}")])
+    (tmp_path / "s.tar").write_bytes(compress(raw))
     sink = Collect()
     assert list(read_shard(resolve_shards(str(tmp_path / "s.tar"))[0], sink)) == []
-    assert sink.shards and "plain tar" in sink.shards[0]
+    assert sink.shards and "not a plain (ustar) tar" in sink.shards[0]
+
+
+def test_an_empty_shard_and_trailing_data(tmp_path):
+    empty = tar_bytes([])  # a chunk whose samples were all rejected for a variant
+    (tmp_path / "e.tar").write_bytes(empty)
+    sink = Collect()
+    assert list(read_shard(resolve_shards(str(tmp_path / "e.tar"))[0], sink)) == [] and sink.shards == []
+    (tmp_path / "t.tar").write_bytes(empty + b"x" * (3 << 20))
+    assert list(read_shard(resolve_shards(str(tmp_path / "t.tar"))[0], sink)) == []
+    assert sink.shards == ["data after the end of the archive"]
 
 
 @pytest.mark.parametrize(

@@ -54,8 +54,26 @@ def box_mask() -> np.ndarray:
     return mask
 
 
-def test_variant_and_fill_names():
-    assert VARIANTS[0] == "original" and len(VARIANTS) == len(set(VARIANTS)) == 9
+def test_every_variant_row_renders_what_it_declares(image, fg_mask, box_mask, partner):
+    """The table is the one source of truth: each row's needs are what its renderer uses, and nothing more."""
+    from pipeline.variants import PARTNER_POOLS, VARIANT_GROUPS, VARIANT_SPECS, render_variant
+
+    assert VARIANTS == tuple(VARIANT_SPECS) and VARIANTS[0] == "original"
+    assert all(spec.id == key for key, spec in VARIANT_SPECS.items())
+    for spec in VARIANT_SPECS.values():
+        assert spec.group in VARIANT_GROUPS and spec.summary and spec.paper
+        assert spec.partner is None or spec.partner in PARTNER_POOLS
+        background = partner if spec.needs_background else None
+        out = render_variant(spec.id, image, fg_mask, box_mask, fill="white", seed=0, key="k", background=background)
+        assert out.shape == image.shape and out.dtype == np.uint8
+        changed = out != image
+        if spec.fill:  # filled pixels come from the fill, white here
+            assert (out[changed.any(axis=2)] == 255).all()
+        if spec.needs_background:  # without its background a variant cannot render
+            with pytest.raises(ValueError, match="needs"):
+                render_variant(spec.id, image, fg_mask, box_mask, fill="white", seed=0, key="k")
+        if spec.group == "original":
+            assert not changed.any()
     assert set(FILLS) == {"black", "white", "gray", "mean", "noise"}
 
 

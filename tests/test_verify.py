@@ -195,3 +195,26 @@ def test_unreachable_url_is_an_input_error(serve, tmp_path):
     server.server_close()  # the port is free again: nothing listens there
     with pytest.raises(VerifyError):
         verify(f"{base}/x/manifest.json", policy=TransferPolicy(retries=1, backoff_s=0.01))
+
+
+def _set(doc: dict, path: tuple[str, ...], value) -> dict:
+    node = doc
+    for name in path[:-1]:
+        node = node[name]
+    node[path[-1]] = value
+    return doc
+
+
+@pytest.mark.parametrize(("edit", "problem"), [
+    (lambda info: _set(info, ("splits", "original_in9", "shard_lengths"), [0, 0, 0]), "original_in9.shard_lengths"),
+    (lambda info: {**info, "splits": {"original": info["splits"]["original"]}}, "no split 'original_in9'"),
+    (lambda info: _set(info, ("splits", "original", "filenames"), ["x.tar"]), "original.filenames"),
+    (lambda info: "[" * 100_000 + "]" * 100_000, "_info.json is not JSON"),
+    (lambda info: ["not", "an", "object"], "_info.json is not a JSON object"),
+])
+def test_timm_info_is_checked_against_the_shards(copy, edit, problem):
+    path = copy / "original" / "_info.json"
+    edited = edit(json.loads(path.read_text()))
+    path.write_text(edited if isinstance(edited, str) else json.dumps(edited))
+    report = verify(copy / "original")
+    assert not report.ok and [p for p in report.problems if problem in p], report.problems

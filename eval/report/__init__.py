@@ -6,23 +6,28 @@ variants by sample key, computes every metric of ``eval.metrics.METRICS`` per
 model and label space, and writes ``metrics.csv`` (long format),
 ``trends.csv``, ``metrics.json``, ``report.md``, ``report.html`` and the
 ``fig_*.png`` that have data. Metrics are recomputed from predictions only,
-so a report never disagrees with the per-sample files.
+so a report never disagrees with the per-sample files. report.html also
+holds a gallery of thumbnails per source image, read from the shards
+(``--shards``, or where eval.score's ledgers say they were read).
 
 Modules, one job each: ``inputs`` (read and vet predictions), ``compute``
 (typed results per model), ``tables`` (metrics.csv rows and the tables),
-``figures``, ``markdown`` (report.md, README section), ``html`` (report.html),
-``build`` (writes everything), ``cli``.
+``figures``, ``gallery`` (which keys, and their rows of captioned images),
+``thumbnails`` (finding the shards, reading only the samples shown),
+``markdown`` (report.md, README section), ``html`` (report.html), ``build``
+(writes everything), ``cli``.
 """
 
 from __future__ import annotations
 
 from eval.report.build import build_report
-from eval.report.cli import main, parse_args
+from eval.report.cli import build_parser, main, parse_args
 from eval.report.compute import TREND_AXES, ModelMetrics
 from eval.report.inputs import LABEL_SPACES, NUM_CLASSES, ReportError
 from eval.report.markdown import metrics_reference_markdown
 
 __all__ = [
+    "build_parser",
     "LABEL_SPACES",
     "NUM_CLASSES",
     "TREND_AXES",

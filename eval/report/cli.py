@@ -7,12 +7,14 @@ import sys
 from pathlib import Path
 
 from eval.report.build import build_report
+from eval.report.gallery import GALLERY_SEED, GALLERY_SIZE
 from eval.report.inputs import ReportError
 from eval.report.markdown import metrics_reference_markdown
+from pipeline.cli import OneLineParser
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
         prog="python -m eval.report",
         description="Background-reliance metrics, tables, figures and a self-contained report.html from "
         "per-sample predictions (RESULTS_DIR/predictions/<model>/<variant>.csv).",
@@ -26,10 +28,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     parser.add_argument("--models-json", type=Path, default=None,
                         help="model zoo file with params/train_images (default: data_manifests/models.json)")
+    parser.add_argument("--shards", action="append", default=None, metavar="SPEC",
+                        help="shards for the gallery's images (repeatable; anything eval.score --shards takes: a "
+                        "variant folder, a manifest path or URL, a brace pattern); default: the shards eval.score "
+                        "recorded in RESULTS_DIR/predictions/<model>/.done/")
+    parser.add_argument("--gallery-size", type=int, default=GALLERY_SIZE, metavar="N",
+                        help=f"gallery rows per section (default {GALLERY_SIZE}; 0 = no gallery)")
+    parser.add_argument("--gallery-seed", type=int, default=GALLERY_SEED, metavar="S",
+                        help=f"seed of the gallery's sample of keys per category (default {GALLERY_SEED})")
+    parser.add_argument("--gallery-model", action="append", default=None, metavar="ID",
+                        help="model whose top-1 the gallery captions show (repeatable); the first picks the rows "
+                        "(default: every model, rows picked by the most accurate on original)")
     parser.add_argument("--markdown-metrics", action="store_true",
                         help="print the metric definitions section of README.md (generated from eval/metrics.py) "
                         "and exit")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,10 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.bootstrap < 0:
         print("error: --bootstrap must be >= 0", file=sys.stderr)
         return 2
+    if args.gallery_size < 0:
+        print("error: --gallery-size must be >= 0", file=sys.stderr)
+        return 2
     try:
         result = build_report(
             args.results_dir, args.out, label_space=args.label_space, n_boot=args.bootstrap,
-            seed=args.seed, models_json=args.models_json, progress=True,
+            seed=args.seed, models_json=args.models_json, progress=True, shards=args.shards,
+            gallery_size=args.gallery_size, gallery_seed=args.gallery_seed, gallery_model=args.gallery_model,
         )
     except (ReportError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -54,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(result["outputs"][0]).parent
     print(f"report written to {out}: {', '.join(Path(p).name for p in result['outputs'])}")
     print(f"open {(out / 'report.html').resolve().as_uri()}")
+    gallery = result["gallery"]
+    if gallery["shown"]:
+        print(f"gallery: {sum(map(len, gallery['sections'].values()))} rows, {gallery['thumbnails']} thumbnails")
+    else:
+        print(gallery["reason"])
     if result["notes"]:
         print(f"{len(result['notes'])} note(s), see {out / 'report.md'}")
     return 0

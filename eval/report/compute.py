@@ -1,6 +1,6 @@
 """Every metric of one model in one label space, as the typed results of eval.metrics.
 
-:class:`ModelMetrics` holds one field per metric group (``eval.metrics.GROUPS``);
+:class:`ModelMetrics` holds one field per metric group (``eval.metrics.METRIC_GROUPS``);
 :meth:`ModelMetrics.values` flattens it through ``eval.metrics.METRICS`` into
 the named numbers that metrics.csv, the tables and the trends all use, so no
 consumer walks the results by hand.
@@ -175,7 +175,7 @@ def compute_model(model: str, label_space: str, data: dict[str, Outcomes], n_boo
                   notes: Notes) -> ModelMetrics:
     """Every metric group that applies to the label space, from ``data`` (variant -> outcomes)."""
     ctx = _Context(label_space, n_boot, seed, f"{model} [{label_space}]", notes)
-    results = {g.name: GROUP_COMPUTE[g.name](data, ctx) for g in M.GROUPS if group_applies(g.name, label_space)}
+    results = {g.name: GROUP_COMPUTE[g.name](data, ctx) for g in M.METRIC_GROUPS if group_applies(g.name, label_space)}
     return ModelMetrics(model=model, label_space=label_space, **results)
 
 

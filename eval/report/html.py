@@ -1,11 +1,13 @@
-"""report.html: one self-contained page (figures embedded as data: URIs, inline CSS, no script, no network).
+"""report.html: one self-contained page (figures and thumbnails embedded as data: URIs, inline CSS, no script,
+no network).
 
-It opens from disk in any browser. Everything shown comes from the same
-:class:`ReportDocument` as report.md; every piece of user data (model ids,
-notes, class names) passes through :func:`html.escape` exactly once, here.
-The gallery (thumbnails per source image across variants, a later phase)
-has its own slot, :func:`gallery_html`, which renders nothing when given no
-sections.
+It opens from disk in any browser and travels as one file. Everything shown
+comes from the same :class:`ReportDocument` as report.md, plus the
+:class:`Gallery`; every piece of user data (model ids, keys, notes, class
+names) passes through :func:`html.escape` exactly once, here. The gallery is
+generic: sections of rows of (image, caption lines), so a later section (the
+Backgrounds Challenge: a foreground beside the background that fooled it)
+is new rows, not new markup.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 
@@ -38,56 +40,118 @@ td.num { text-align: right; white-space: nowrap; font-variant-numeric: tabular-n
 figure { margin: 0; background: #fff; border: 1px solid #d5d9e0; border-radius: 4px; padding: 8px; }
 figure img { width: 100%; height: auto; display: block; }
 ul.notes li { margin: 2px 0; }
-.gallery-row { display: flex; gap: 8px; overflow-x: auto; padding: 6px 0; border-bottom: 1px solid #e6e9ee; }
-.gallery-row figure { flex: 0 0 auto; width: 140px; padding: 4px; }
-.gallery-row figcaption { font-size: 11px; }
+.gallery-row { display: flex; gap: 6px; overflow-x: auto; padding: 8px 0; border-bottom: 1px solid #e6e9ee;
+               align-items: flex-start; }
+.row-head { flex: 0 0 160px; font-size: 12px; overflow-wrap: anywhere; }
+.row-head div:first-child { font-weight: 600; }
+figure.thumb { flex: 0 0 auto; width: 128px; padding: 4px; }
+figure.thumb img { width: auto; height: auto; max-width: 100%; margin: 0 auto; }
+figure.thumb figcaption { font-size: 11px; line-height: 1.3; margin: 4px 0 0; overflow-wrap: anywhere; }
+figure.thumb .label { font-weight: 600; color: #1d232b; }
+figure.context { background: #f1f3f6; border-style: dashed; }
+.no-image { margin: 0 auto; background: repeating-linear-gradient(45deg, #eef1f5 0 6px, #e2e6ec 6px 12px); }
+.right { color: #1a7f37; } .wrong { color: #b42318; } .muted { color: #6b7482; }
 code { background: #eef1f5; padding: 0 3px; border-radius: 3px; }
 """
 
 
-# ---------------------------------------------------------------- the gallery slot (filled in a later phase)
+# ---------------------------------------------------------------- the gallery: sections of rows of images
+
+
+@dataclass(frozen=True)
+class CaptionLine:
+    """One line under a thumbnail; ``tone`` colours it: "right", "wrong", "muted" or "" (plain)."""
+
+    text: str
+    tone: str = ""
 
 
 @dataclass(frozen=True)
 class GalleryImage:
-    """One thumbnail: ``src`` is a data: URI or a path relative to report.html."""
+    """One thumbnail: ``src`` is a data: URI or a path relative to report.html; "" shows ``caption`` alone.
+
+    ``context`` marks an image shown for reference beside the row's own variants
+    (the photo a mixed image's background came from; later, the background that
+    fooled a foreground in the Backgrounds Challenge).
+    """
 
     src: str
     alt: str
-    caption: list[str] = field(default_factory=list)
+    label: str
+    caption: tuple[CaptionLine, ...] = ()
+    width: int = 0
+    height: int = 0
+    context: bool = False
 
 
 @dataclass(frozen=True)
 class GalleryRow:
-    """One source image (sample key) with its variants side by side."""
+    """One source image (sample key) with its images side by side; ``lines`` head the row."""
 
     key: str
-    images: list[GalleryImage]
+    images: tuple[GalleryImage, ...]
+    lines: tuple[CaptionLine, ...] = ()
 
 
 @dataclass(frozen=True)
 class GallerySection:
     """A group of rows, e.g. one Noise or Signal category or the largest background-driven flips."""
 
+    ident: str
     title: str
     caption: str
-    rows: list[GalleryRow]
+    rows: tuple[GalleryRow, ...]
+    empty: str = "No image qualifies."
 
 
-def gallery_html(sections: Sequence[GallerySection]) -> str:
-    """The gallery, or nothing at all when there are no sections (phase 1 passes none)."""
-    if not sections:
+@dataclass(frozen=True)
+class Gallery:
+    """What the gallery shows: its sections, and one-line notices (a fallback, or why there is no gallery)."""
+
+    sections: tuple[GallerySection, ...] = ()
+    lines: tuple[str, ...] = ()
+    intro: str = ""
+
+    @property
+    def shown(self) -> bool:
+        return bool(self.sections or self.lines or self.intro)
+
+
+def _caption_lines(lines: Sequence[CaptionLine]) -> str:
+    return "".join(f'<div class="{escape(line.tone)}">{escape(line.text)}</div>' if line.tone
+                   else f"<div>{escape(line.text)}</div>" for line in lines)
+
+
+def _gallery_image(image: GalleryImage) -> str:
+    klass = "thumb context" if image.context else "thumb"
+    label = f'<div class="label">{escape(image.label)}</div>'
+    if not image.src:
+        picture = f'<div class="no-image" style="width:{image.width}px;height:{image.height}px"></div>'
+    else:
+        size = f' width="{image.width}" height="{image.height}"' if image.width and image.height else ""
+        # Lazy: off-screen thumbnails are decoded (and, from a folder, fetched) only when scrolled to.
+        picture = f'<img loading="lazy" decoding="async" src="{escape(image.src)}" alt="{escape(image.alt)}"{size}>'
+    return f'<figure class="{klass}">{picture}<figcaption>{label}{_caption_lines(image.caption)}</figcaption></figure>'
+
+
+def gallery_html(gallery: Gallery) -> str:
+    """The gallery section; nothing at all when there is neither a section nor a notice."""
+    if not gallery.shown:
         return ""
     parts = ['<section id="gallery"><h2>Gallery</h2>']
-    for section in sections:
-        parts.append(f"<h3>{escape(section.title)}</h3><p class=\"caption\">{escape(section.caption)}</p>")
+    if gallery.intro:
+        parts.append(f'<p class="caption">{escape(gallery.intro)}</p>')
+    parts += [f'<p class="skipped">{escape(line)}</p>' for line in gallery.lines]
+    for section in gallery.sections:
+        parts.append(f'<section class="gallery-section" data-section="{escape(section.ident)}">'
+                     f"<h3>{escape(section.title)}</h3><p class=\"caption\">{escape(section.caption)}</p>")
+        if not section.rows:
+            parts.append(f'<p class="empty">{escape(section.empty)}</p>')
         for row in section.rows:
-            parts.append(f'<div class="gallery-row" data-key="{escape(row.key)}">')
-            for image in row.images:
-                lines = "".join(f"<div>{escape(line)}</div>" for line in image.caption)
-                parts.append(f'<figure><img loading="lazy" src="{escape(image.src)}" alt="{escape(image.alt)}">'
-                             f"<figcaption>{lines}</figcaption></figure>")
-            parts.append("</div>")
+            parts.append(f'<div class="gallery-row" data-key="{escape(row.key)}">'
+                         f'<div class="row-head">{_caption_lines(row.lines)}</div>'
+                         + "".join(_gallery_image(image) for image in row.images) + "</div>")
+        parts.append("</section>")
     parts.append("</section>")
     return "\n".join(parts)
 
@@ -131,17 +195,22 @@ def _figure(fig: FigureFile, out_dir: Path) -> str:
             f"{escape(fig.caption)}</figcaption></figure>")
 
 
-def report_html(doc: ReportDocument, out_dir: Path, gallery: Sequence[GallerySection] = ()) -> str:
+def report_html(doc: ReportDocument, out_dir: Path, gallery: Gallery | None = None) -> str:
     """The whole page; figures are read from ``out_dir`` and embedded."""
+    gallery = gallery or Gallery()
     nav = ['<a href="#models">Models</a>']
     if doc.published.rows:
         nav.append('<a href="#published">Published figures</a>')
+    if gallery.shown:
+        nav.append('<a href="#gallery">Gallery</a>')
     nav += [f'<a href="#ls-{escape(s.label_space)}">{escape(s.label_space)}</a>' for s in doc.sections]
     nav += ['<a href="#notes">Notes</a>', '<a href="#definitions">Definitions</a>']
     body = [f"<header><h1>Background reliance report</h1><p>{escape(doc.intro)}</p><nav>{''.join(nav)}</nav></header>",
             f'<section id="models-section">{table_html(doc.models, 2)}</section>']
     if doc.published.rows:
         body.append(f'<section id="published-section">{table_html(doc.published, 2)}</section>')
+    # The images first: what a reader looks at before the numbers (the nav reaches every table).
+    body.append(gallery_html(gallery))
     for section in doc.sections:
         parts = [f'<section id="ls-{escape(section.label_space)}"><h2>{escape(section.title)}</h2>']
         if section.figures:
@@ -150,7 +219,6 @@ def report_html(doc: ReportDocument, out_dir: Path, gallery: Sequence[GallerySec
         parts += [table_html(t) for t in section.tables]
         parts.append("</section>")
         body.append("\n".join(parts))
-    body.append(gallery_html(gallery))
     notes = "".join(f"<li>{escape(n)}</li>" for n in doc.notes) or "<li>none</li>"
     body.append(f'<section><h2 id="notes">Notes</h2><ul class="notes">{notes}</ul></section>')
     body.append(f"<section>{table_html(doc.definitions, 2)}</section>")

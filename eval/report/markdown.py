@@ -31,6 +31,8 @@ def report_markdown(doc: ReportDocument) -> str:
     lines += table_markdown(doc.models, "##")
     if doc.published.rows:
         lines += table_markdown(doc.published, "##")
+    if doc.gallery:
+        lines += ["## Gallery", "", *(f"- {line}" for line in doc.gallery), ""]
     for section in doc.sections:
         lines += [f"## {section.title}", "", "### Figures", ""]
         for fig in section.figures:

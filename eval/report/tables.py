@@ -105,7 +105,7 @@ def metric_tables(label_space: str, per_model: dict[str, ModelMetrics]) -> list[
     order = model_order(per_model)
     values = {m: per_model[m].values() for m in order}
     tables = []
-    for group in M.GROUPS:
+    for group in M.METRIC_GROUPS:
         metrics = [m for m in M.METRICS if m.group == group.name and label_space in m.label_spaces]
         if not metrics:
             continue
@@ -310,3 +310,4 @@ class ReportDocument:
     definitions: Table
     notes: list[str]
     missing_spaces: list[str] = field(default_factory=list)
+    gallery: list[str] = field(default_factory=list)  # report.md's lines about report.html's gallery

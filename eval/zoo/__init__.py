@@ -19,15 +19,15 @@ from eval.zoo.build import (
     find_local_weights,
 )
 from eval.zoo.check import check_spec
-from eval.zoo.cli import main
+from eval.zoo.cli import build_parser, main
 from eval.zoo.convert import lite_to_timm_state_dict
 from eval.zoo.errors import UnknownModel, WeightsUnavailable
 from eval.zoo.generate import generate_registry, write_registry
 from eval.zoo.registry import (
     DEFAULT_MODEL,
     FORMAT_VERSION,
-    GROUPS,
     INTERPOLATIONS,
+    MODEL_SETS,
     REGISTRY_FILE,
     ROW_FIELDS,
     ModelFactory,
@@ -46,7 +46,7 @@ from eval.zoo.sources.package import LITE0_PACKAGE, LITE0_PACKAGE_PIN
 __all__ = [
     "DEFAULT_MODEL",
     "FORMAT_VERSION",
-    "GROUPS",
+    "MODEL_SETS",
     "INTERPOLATIONS",
     "LITE0_PACKAGE",
     "LITE0_PACKAGE_PIN",
@@ -67,6 +67,7 @@ __all__ = [
     "generate_registry",
     "lite_to_timm_state_dict",
     "load_registry",
+    "build_parser",
     "main",
     "preprocess_config",
     "register_model",

@@ -14,6 +14,7 @@ from eval.zoo.check import check_spec
 from eval.zoo.errors import UnknownModel
 from eval.zoo.generate import generate_registry, write_registry
 from eval.zoo.registry import REGISTRY_FILE, ModelSpec, load_registry, resolve_models
+from pipeline.cli import OneLineParser
 
 IDS_HELP = (
     "ids, comma lists, 'paper32' (our 32-model set), 'all' or files of ids; several after one flag "
@@ -62,7 +63,7 @@ def _check(specs: Sequence[ModelSpec]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m eval.zoo", description="Inspect and validate the model zoo.")
+    parser = OneLineParser(prog="python -m eval.zoo", description="Inspect and validate the model zoo.")
     parser.add_argument("--registry", default=None, help="registry JSON (default: data_manifests/models.json)")
     sub = parser.add_subparsers(dest="command", required=True)
     p_list = sub.add_parser("list", help="print the registry with local weight availability")

@@ -28,7 +28,6 @@ FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 DEFAULT_MODEL = "tf_efficientnet_lite0"
 INTERPOLATIONS = ("bilinear", "bicubic")
-PREPROCESS_FIELDS = ("input_size", "interpolation", "crop_pct", "mean", "std")
 
 
 @dataclass(frozen=True)
@@ -229,7 +228,7 @@ def _tokens(item: str) -> list[str]:
 
 # "paper32" is our 32-model set, chosen to span the range the Background Check paper describes
 # (its list was never published); the rows say which they are.
-GROUPS: dict[str, Callable[[Mapping[str, ModelSpec]], list[ModelSpec]]] = {
+MODEL_SETS: dict[str, Callable[[Mapping[str, ModelSpec]], list[ModelSpec]]] = {
     "paper32": lambda reg: [s for s in reg.values() if s.paper32],
     "all": lambda reg: list(reg.values()),
 }
@@ -249,12 +248,12 @@ def resolve_models(
         return [reg[DEFAULT_MODEL]]
     chosen: list[ModelSpec] = []
     for token in (t for item in items for t in _tokens(item)):
-        if token in GROUPS:
-            group = GROUPS[token](reg)
+        if token in MODEL_SETS:
+            group = MODEL_SETS[token](reg)
         elif token in reg:
             group = [reg[token]]
         else:
-            raise _unknown(token, [*reg, *GROUPS])
+            raise _unknown(token, [*reg, *MODEL_SETS])
         chosen.extend(s for s in group if s not in chosen)
     if not chosen:
         raise UnknownModel(f"no model ids in {spec!r}")

@@ -20,3 +20,7 @@ class StreamError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+class Missing(StreamError):
+    """The shard or file is not there (no such file, HTTP 404/410)."""

@@ -1,7 +1,8 @@
 """Where a reader finds shards: a user's spec -> :class:`ShardRef` list, and the one manifest loader.
 
-A spec is a local path, a brace pattern (``x-{000000..000009}.tar``), a glob,
-an ``http(s)://`` URL, a ``pipe:`` command, a variant folder (its manifest if
+A spec is a local path, a brace pattern (``x-{000000..000009}.tar``, also
+inside a ``pipe:`` command), a glob, an ``http(s)://`` URL, a ``pipe:``
+command, a variant folder (its manifest if
 present, else its ``*.tar`` sorted) or a manifest path/URL. A manifest is
 data: the shards it lists are plain file names beside it, opened without
 following symlinks and never as commands.
@@ -40,14 +41,29 @@ class ShardRef:
         return self.sha256 is not None and self.nbytes is not None
 
 
-def load_manifest(location: str | Path, policy: TransferPolicy = DEFAULT_POLICY) -> Manifest:
-    """Read and type-check a manifest from a path or http(s) URL."""
-    location = str(location)
+def _manifest_bytes(location: str, policy: TransferPolicy) -> bytes:
     try:
-        raw = read_all(location, location, MAX_MANIFEST_BYTES, policy=policy)
+        return read_all(location, MAX_MANIFEST_BYTES, policy=policy)
     except StreamError as exc:
         raise ShardSpecError(f"cannot read manifest {location}: {exc.message}") from None
-    return Manifest.from_bytes(raw, location)
+
+
+def load_manifest(location: str | Path, policy: TransferPolicy = DEFAULT_POLICY) -> Manifest:
+    """Read and type-check a manifest from a path or http(s) URL."""
+    return Manifest.from_bytes(_manifest_bytes(str(location), policy), str(location))
+
+
+def load_manifest_lenient(location: str | Path, policy: TransferPolicy = DEFAULT_POLICY) -> tuple[Manifest, list[str]]:
+    """As :func:`load_manifest`, with refused shard entries described instead of fatal (the verifier's)."""
+    return Manifest.read_lenient(_manifest_bytes(str(location), policy), str(location))
+
+
+def shard_refs(manifest: Manifest, location: str) -> list[ShardRef]:
+    """One reference per shard a manifest lists, beside the manifest, never followed as a symlink."""
+    return [
+        ShardRef(sibling(location, s.name), s.name, s.sha256, s.count, manifest.variant, s.nbytes, listed=True)
+        for s in manifest.shards
+    ]
 
 
 def sibling(location: str, name: str) -> str:
@@ -66,10 +82,7 @@ def manifest_shards(manifest: Manifest, location: str) -> list[ShardRef]:
     problem = manifest.count_problem()
     if problem:
         raise ShardSpecError(f"manifest {location}: {problem}")
-    return [
-        ShardRef(sibling(location, s.name), s.name, s.sha256, s.count, manifest.variant, s.nbytes, listed=True)
-        for s in manifest.shards
-    ]
+    return shard_refs(manifest, location)
 
 
 def _resolve_one(spec: str, policy: TransferPolicy) -> list[ShardRef]:
@@ -111,7 +124,8 @@ def resolve_shards(spec: str | list[str] | tuple[str, ...], policy: TransferPoli
         one = one.strip()
         if not one:
             raise ShardSpecError("empty shard spec")
-        expanded = [one] if is_pipe(one) else list(braceexpand.braceexpand(one))
+        # as webdataset does, a pipe: command is brace-expanded too: one command per shard
+        expanded = list(braceexpand.braceexpand(one))
         for item in expanded:
             refs.extend(_resolve_one(item, policy))
     seen: set[str] = set()

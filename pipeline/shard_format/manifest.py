@@ -16,7 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.shard_format.errors import ShardSpecError
-from pipeline.shard_format.spec import FORMAT_VERSION, MAX_MANIFEST_BYTES, READABLE_FORMAT_VERSIONS
+from pipeline.shard_format.spec import (
+    FORMAT_VERSION,
+    MAX_MANIFEST_BYTES,
+    READABLE_FORMAT_VERSIONS,
+    parse_json_object,
+)
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -199,12 +204,10 @@ class Manifest:
 
     @classmethod
     def _parse(cls, raw: bytes, where: str, refused: list[str] | None) -> Manifest:
-        if len(raw) > MAX_MANIFEST_BYTES:
-            raise ShardSpecError(f"manifest {where}: larger than {MAX_MANIFEST_BYTES} bytes")
         try:
-            doc = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise ShardSpecError(f"manifest {where}: not JSON ({str(exc).splitlines()[0][:80]})") from None
+            doc = parse_json_object(raw, "it", MAX_MANIFEST_BYTES)
+        except ValueError as exc:
+            raise ShardSpecError(f"manifest {where}: {exc}") from None
         top = _Fields(doc, f"manifest {where}")
         version = top.integer("format_version")
         if version not in READABLE_FORMAT_VERSIONS:

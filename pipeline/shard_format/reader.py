@@ -29,7 +29,6 @@ collects everything.
 
 from __future__ import annotations
 
-import json
 import re
 import tarfile
 import zlib
@@ -46,19 +45,19 @@ from pipeline.shard_format.spec import (
     IMAGE_EXTENSIONS,
     LABEL_EXTENSION,
     MASK_EXTENSION,
-    MAX_JSON_BYTES,
     MEMBER_EXTENSIONS,
     META_EXTENSION,
     META_FIELDS,
     NUM_CLASSES,
+    parse_json_object,
 )
 from pipeline.shard_format.transport import DEFAULT_POLICY, ShardStream, TransferPolicy, open_source
 
-MAX_REFUSED_NAMES = 10
+MAX_IGNORED_NAMES = 10
 _LABEL = re.compile(rb"\s*\d{1,4}\s*")
 
 
-class BadShard(StreamError):
+class ReadStopped(StreamError):
     """Raised by a sink to stop reading; passes through the reader unchanged."""
 
 
@@ -92,8 +91,8 @@ class ShardTally:
 
     name: str
     samples: int = 0  # every sample the shard holds, good or bad
-    refused: list[str] = field(default_factory=list)  # member names outside the allow-list, never read
-    refused_count: int = 0
+    ignored: list[str] = field(default_factory=list)  # member names outside the allow-list, never read (a few)
+    ignored_count: int = 0
     sha256: str = ""
     nbytes: int = 0
     complete: bool = False  # read to the end and verified as far as the manifest allows
@@ -112,9 +111,9 @@ class MemberGate:
         if key is not None:
             self.last_key = key
         if ext is None or ext.lower() not in self.allowed:
-            self.tally.refused_count += 1
-            if len(self.tally.refused) < MAX_REFUSED_NAMES:
-                self.tally.refused.append(fname)
+            self.tally.ignored_count += 1
+            if len(self.tally.ignored) < MAX_IGNORED_NAMES:
+                self.tally.ignored.append(fname)
             return False
         return True
 
@@ -170,15 +169,7 @@ def parse_label(data: bytes) -> int:
 
 def parse_meta(data: bytes) -> dict[str, Any]:
     """``.json``: a bounded JSON object (no nesting bomb, no huge document)."""
-    if len(data) > MAX_JSON_BYTES:
-        raise ValueError(f".{META_EXTENSION} is larger than {MAX_JSON_BYTES} bytes")
-    try:
-        meta = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ValueError(f".{META_EXTENSION} is not JSON ({type(exc).__name__})") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f".{META_EXTENSION} is not an object")
-    return meta
+    return parse_json_object(data, f".{META_EXTENSION}")
 
 
 def _is_int(value: object) -> bool:
@@ -283,8 +274,8 @@ def read_shard(
     """
     tally = tally if tally is not None else ShardTally(ref.name)
     try:
-        source = open_source(ref.url, ref.name, listed=ref.listed, policy=policy)
-    except BadShard:
+        source = open_source(ref.url, listed=ref.listed, policy=policy)
+    except ReadStopped:
         raise
     except StreamError as exc:
         sink.shard(exc.message)
@@ -305,7 +296,7 @@ def read_shard(
             if sample is not None:
                 yield sample
         stream.drain()
-    except BadShard:
+    except ReadStopped:
         raise
     except StreamError as exc:
         sink.shard(exc.message)

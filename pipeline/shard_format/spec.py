@@ -21,7 +21,7 @@ from typing import Any
 # 2: members written by webdataset.TarWriter (sorted by extension), rejected inputs moved from the
 # manifest to rejected.jsonl (referenced by hash), the builder version in every manifest.
 FORMAT_VERSION = 2
-READABLE_FORMAT_VERSIONS = (1, 2)
+READABLE_FORMAT_VERSIONS = (2,)
 
 # Image member extension -> the one codec it may hold (PIL format name).
 IMAGE_CODECS: dict[str, str] = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
@@ -60,6 +60,19 @@ MAX_MEMBER_BYTES = 64 << 20
 MAX_MANIFEST_BYTES = 16 << 20
 MAX_JSON_BYTES = 1 << 20
 NUM_CLASSES = 1000
+
+
+def parse_json_object(data: bytes, what: str, limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
+    """A JSON object from bytes a collaborator sent: bounded in size, no nesting bomb; ValueError otherwise."""
+    if len(data) > limit:
+        raise ValueError(f"{what} is larger than {limit} bytes")
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"{what} is not JSON ({type(exc).__name__})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{what} is not a JSON object")
+    return doc
 
 
 def shard_name(variant: str, index: int) -> str:

@@ -7,11 +7,12 @@ byte at a time. What a collaborator sends is read under a policy instead:
 - local: regular files only (a FIFO, socket or device never blocks a read), and
   a name taken from a manifest is never a symlink (it could point anywhere);
 - http(s): redirects only within the same scheme, host and port unless the user
-  allowed the other host; a transfer ends when no byte arrives for
-  ``stall_timeout_s`` or when, after ``grace_s``, its average rate falls below
-  ``min_rate``; a dropped connection or a 5xx answer is retried ``retries``
-  times with exponential backoff, from the start, and the bytes already read
-  must come back identical (their hash is compared);
+  allowed the other host; a dropped connection, a 5xx answer or
+  ``stall_timeout_s`` without a byte is retried ``retries`` times with
+  exponential backoff, from the start, and the bytes already read must come
+  back identical (their hash is compared); a transfer whose rate (bytes over
+  the time spent waiting on the network, after ``grace_s`` of it) falls below
+  ``min_rate`` ends at once;
 - ``pipe:`` (command line only): the command's exit status is checked, and a
   command that stops writing for ``stall_timeout_s`` is killed.
 
@@ -25,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import re
 import select
 import subprocess
 import time
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from pipeline.files import NotRegularFile, open_regular
-from pipeline.shard_format.errors import StreamError
+from pipeline.shard_format.errors import Missing, StreamError
 from pipeline.shard_format.spec import MAX_MEMBER_BYTES
 
 # A shard without a manifest has no stated size; it still may not be endless.
@@ -45,8 +45,8 @@ _READ_CHUNK = 1 << 20
 # tarfile reads ahead by a record and headers (pax, long names) sit between members.
 _MEMBER_SLACK = 1 << 20
 _END_MARKER = 2 * 512
-# gzip, xz, zstd, bzip2 (its block magic contains "&", which no key may hold): never the start of a plain tar
-_COMPRESSED_MAGIC = re.compile(rb"\x1f\x8b|\xfd7zXZ\x00|\x28\xb5\x2f\xfd|BZh[1-9]1AY&SY")
+# What may follow the end-of-archive marker: tar pads to a record of 20 blocks.
+_MAX_TRAILER = 20 * 512
 
 
 @dataclass(frozen=True)
@@ -90,15 +90,16 @@ class _RedirectGuard(urllib.request.HTTPRedirectHandler):
 
     max_redirections = 5
 
-    def __init__(self, name: str, allow_hosts: frozenset[str]) -> None:
+    def __init__(self, allow_hosts: frozenset[str]) -> None:
         super().__init__()
-        self.name = name
         self.allow_hosts = allow_hosts
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 - urllib's signature
         target = urllib.parse.urljoin(req.full_url, newurl)
         scheme, host, _ = _origin(target)
-        if _origin(target) != _origin(req.full_url) and not (scheme == "https" and host in self.allow_hosts):
+        # another origin only if the user named its host, and never from https down to http
+        allowed = host in self.allow_hosts and (scheme == "https" or _origin(req.full_url)[0] == scheme)
+        if _origin(target) != _origin(req.full_url) and not allowed:
             raise StreamError(
                 f"refusing a redirect to {scheme}://{host} (another host; "
                 f"name it with --allow-host {host} to follow it)"
@@ -113,11 +114,14 @@ class _Retry(Exception):
 class HttpSource:
     """One URL's body under a :class:`TransferPolicy`, retried from the start on a dropped connection."""
 
-    def __init__(self, url: str, name: str, policy: TransferPolicy = DEFAULT_POLICY) -> None:
-        self.url, self.name, self.policy = url, name, policy
+    def __init__(self, url: str, policy: TransferPolicy = DEFAULT_POLICY) -> None:
+        self.url, self.policy = url, policy
         self.delivered = 0
         self.prefix = hashlib.sha256()  # of the bytes handed out so far: a retry must reproduce them
-        self.started = time.monotonic()
+        # The rate counts the network alone: time spent waiting on the socket and the bytes that came
+        # through it, replays included, never the time the caller spends between two reads.
+        self.waited = 0.0
+        self.received = 0
         self.attempt = 0
         self.response: http.client.HTTPResponse | None = None
         self._with_retries(lambda: None, reconnect=True)
@@ -139,17 +143,17 @@ class HttpSource:
                 reconnect = True
 
     def _connect(self) -> None:
-        opener = urllib.request.build_opener(_RedirectGuard(self.name, self.policy.allow_hosts))
+        opener = urllib.request.build_opener(_RedirectGuard(self.policy.allow_hosts))
         request = urllib.request.Request(self.url, headers={"User-Agent": "bgcheck", "Accept-Encoding": "identity"})
         try:
             self.response = opener.open(request, timeout=self.policy.stall_timeout_s)
         except urllib.error.HTTPError as exc:
             if exc.code >= 500:
                 raise _Retry(f"HTTP {exc.code}") from None
-            raise StreamError(f"missing (HTTP {exc.code})") from None
+            if exc.code in (404, 410):
+                raise Missing(f"missing (HTTP {exc.code})") from None
+            raise StreamError(f"refused (HTTP {exc.code})") from None
         except urllib.error.URLError as exc:
-            if isinstance(exc.reason, StreamError):
-                raise exc.reason from None
             raise _Retry(f"cannot connect ({exc.reason})") from None
         except (OSError, http.client.HTTPException) as exc:
             raise _Retry(f"cannot connect ({type(exc).__name__}: {exc})") from None
@@ -170,18 +174,22 @@ class HttpSource:
 
     def _read_raw(self, n: int) -> bytes:
         assert self.response is not None
-        elapsed = time.monotonic() - self.started
-        if elapsed > self.policy.grace_s and self.delivered / elapsed < self.policy.min_rate:
+        if self.waited > self.policy.grace_s and self.received / self.waited < self.policy.min_rate:
             raise StreamError(
-                f"transfer too slow ({self.delivered / elapsed / 1024:.1f} KiB/s after "
-                f"{elapsed:.0f} s; at least {self.policy.min_rate / 1024:.0f} KiB/s expected)"
+                f"transfer too slow ({self.received / self.waited / 1024:.1f} KiB/s over "
+                f"{self.waited:.0f} s; at least {self.policy.min_rate / 1024:.0f} KiB/s expected)"
             )
+        started = time.monotonic()
         try:
-            return self.response.read1(n)
+            data = self.response.read1(n)
         except TimeoutError:
             raise _Retry(f"no data for {self.policy.stall_timeout_s:.0f} s") from None
         except (OSError, http.client.HTTPException) as exc:
             raise _Retry(f"connection lost ({type(exc).__name__})") from None
+        finally:
+            self.waited += time.monotonic() - started
+        self.received += len(data)
+        return data
 
     def read(self, n: int) -> bytes:
         def once() -> bytes:
@@ -207,8 +215,8 @@ class HttpSource:
 class PipeSource:
     """stdout of a command the user typed; its exit status is checked when the output ends."""
 
-    def __init__(self, command: str, name: str, policy: TransferPolicy = DEFAULT_POLICY) -> None:
-        self.command, self.name, self.policy = command, name, policy
+    def __init__(self, command: str, policy: TransferPolicy = DEFAULT_POLICY) -> None:
+        self.command, self.policy = command, policy
         self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE)
         self.ended = False
 
@@ -238,19 +246,19 @@ class PipeSource:
 # --------------------------------------------------------------------------- one entry point
 
 
-def open_source(url: str, name: str, *, listed: bool, policy: TransferPolicy = DEFAULT_POLICY) -> Source:
+def open_source(url: str, *, listed: bool, policy: TransferPolicy = DEFAULT_POLICY) -> Source:
     """The bytes at ``url``; ``listed``: the name came from a manifest (no symlinks, no pipes)."""
     if is_pipe(url):
         if listed:
             raise StreamError("refusing a pipe: command from a manifest")
-        return PipeSource(url[len("pipe:"):], name, policy)
+        return PipeSource(url[len("pipe:"):], policy)
     if is_remote(url):
-        return HttpSource(url, name, policy)
+        return HttpSource(url, policy)
     path = urllib.parse.urlsplit(url).path if url.startswith("file://") else url
     try:
         return open_regular(path, follow_symlinks=not listed)
     except FileNotFoundError:
-        raise StreamError("missing") from None
+        raise Missing("missing") from None
     except NotRegularFile:
         if listed and os.path.islink(path):
             raise StreamError("a symlink (a name from a manifest is never followed)") from None
@@ -259,9 +267,9 @@ def open_source(url: str, name: str, *, listed: bool, policy: TransferPolicy = D
         raise StreamError(f"cannot open ({exc.strerror or exc})") from None
 
 
-def read_all(url: str, name: str, limit: int, *, listed: bool = False, policy: TransferPolicy = DEFAULT_POLICY) -> bytes:
+def read_all(url: str, limit: int, *, listed: bool = False, policy: TransferPolicy = DEFAULT_POLICY) -> bytes:
     """A whole small file (a manifest), refusing anything longer than ``limit`` bytes."""
-    source = open_source(url, name, listed=listed, policy=policy)
+    source = open_source(url, listed=listed, policy=policy)
     chunks: list[bytes] = []
     total = 0
     try:
@@ -290,6 +298,7 @@ class ShardStream:
         self.sha256 = hashlib.sha256()
         self.nbytes = 0
         self.tail = b""
+        self.head = b""  # the first block, to tell a plain tar from a compressed one
         self.member = ""
         self.member_read = 0
 
@@ -302,10 +311,11 @@ class ShardStream:
     def read(self, n: int = -1) -> bytes:
         data = self.source.read(n if n is not None and n >= 0 else _READ_CHUNK)
         if not data:
+            if 0 < self.nbytes < 512:  # shorter than one header: compressed, or nothing a tar can be
+                raise StreamError("not a plain (ustar) tar: shards of this format are uncompressed tar")
             return data
-        if self.nbytes < 10 and _COMPRESSED_MAGIC.match(self.tail + data):
-            # tarfile would inflate it on the fly, past every bound counted here
-            raise StreamError("compressed (gzip/bzip2/xz/zstd): shards of this format are plain tar")
+        if self.nbytes < 512:
+            self._check_start(data)
         self.nbytes += len(data)
         self.member_read += len(data)
         if self.nbytes > self.max_bytes:
@@ -316,11 +326,23 @@ class ShardStream:
         self.tail = (self.tail + data[-_END_MARKER:])[-_END_MARKER:]
         return data
 
+    def _check_start(self, data: bytes) -> None:
+        """The first block must be a ustar header (or the end marker of an empty shard).
+
+        tarfile's stream mode would inflate gzip, bzip2, xz and even old .lzma data
+        on the fly, past every bound counted here: a positive check refuses them all.
+        """
+        self.head = (self.head + data)[:512]
+        if len(self.head) == 512 and any(self.head) and self.head[257:262] != b"ustar":
+            raise StreamError("not a plain (ustar) tar: shards of this format are uncompressed tar")
+
     def drain(self) -> None:
-        """Read to the end: the padding after the last member counts towards size and hash."""
-        self.member_read = 0
+        """Read to the end: the padding after the end-of-archive marker counts towards size and hash."""
+        start = self.nbytes
         while self.read(_READ_CHUNK):
             self.member_read = 0
+            if self.nbytes - start > _MAX_TRAILER + _READ_CHUNK:
+                raise StreamError("data after the end of the archive")
 
     def ends_complete(self) -> bool:
         """Whether the bytes end in tar's end-of-archive marker (two zero blocks).

@@ -37,7 +37,7 @@ from pipeline.files import NotRegularFile, read_regular_text, stat_regular
 from pipeline.masks import TOLERANCE_PX, whole_number
 from pipeline.records import Box, RejectedInput, Rejection, SourceRecord, key_problem
 
-IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png"})
+SOURCE_IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png"})
 WNID_RE = re.compile(r"^n\d{8}$")
 WNID_PREFIX_RE = re.compile(r"^(n\d{8})_")
 

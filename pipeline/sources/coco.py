@@ -16,7 +16,7 @@ from pipeline.classes import wnid_to_index
 from pipeline.masks import checked_polygons, checked_rle, compressed_rle
 from pipeline.records import Box, RejectedInput, Rejection, Segmentation, SourceRecord
 from pipeline.sources._common import (
-    IMAGE_EXTENSIONS,
+    SOURCE_IMAGE_SUFFIXES,
     WNID_PREFIX_RE,
     WNID_RE,
     Found,
@@ -247,5 +247,5 @@ def read_coco(
     def build(key: str, image: Found, entry: dict) -> Output:
         return coco_record(key, image, entry, index)
 
-    out = join_by_stem(scan(root, IMAGE_EXTENSIONS, depth=2), entries, build, SOURCE, describe=index.where)
+    out = join_by_stem(scan(root, SOURCE_IMAGE_SUFFIXES, depth=2), entries, build, SOURCE, describe=index.where)
     return iter(sorted(out + orphans, key=lambda o: o.key))

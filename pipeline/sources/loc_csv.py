@@ -11,7 +11,7 @@ from pathlib import Path
 from pipeline.classes import wnid_to_index
 from pipeline.records import Box, Rejection, SourceRecord
 from pipeline.sources._common import (
-    IMAGE_EXTENSIONS,
+    SOURCE_IMAGE_SUFFIXES,
     Found,
     Output,
     SourceError,
@@ -89,4 +89,4 @@ def read_loc_csv(images: str | Path, annotations: str | Path, box_convention: st
     def build(key: str, image: Found, row: Row) -> Output:
         return loc_record(key, image, row, offset)
 
-    return iter(join_by_stem(scan(root, IMAGE_EXTENSIONS, depth=1), rows, build, SOURCE, describe=lambda r: r[0]))
+    return iter(join_by_stem(scan(root, SOURCE_IMAGE_SUFFIXES, depth=1), rows, build, SOURCE, describe=lambda r: r[0]))

@@ -18,7 +18,7 @@ from pipeline.files import read_regular
 from pipeline.masks import PngMask, decode_mask_png
 from pipeline.records import Box, RejectedInput, Rejection, Segmentation, SourceRecord
 from pipeline.sources._common import (
-    IMAGE_EXTENSIONS,
+    SOURCE_IMAGE_SUFFIXES,
     WNID_RE,
     Found,
     Output,
@@ -135,7 +135,7 @@ def read_mask_dir(
     mask_root = require_dir(annotations, "mask folder")
     table = load_labels(labels)
     ids_by_wnid = class_ids_by_wnid(category_map)
-    found = scan(image_root, IMAGE_EXTENSIONS, depth=1)
+    found = scan(image_root, SOURCE_IMAGE_SUFFIXES, depth=1)
     masks = scan(mask_root, {".png"}, depth=1)
 
     def build(key: str, image: Found, mask: Found) -> Output:

@@ -13,7 +13,7 @@ from pipeline.classes import wnid_to_index
 from pipeline.files import open_regular, read_regular
 from pipeline.records import Box, RejectedInput, Rejection, SourceRecord
 from pipeline.sources._common import (
-    IMAGE_EXTENSIONS,
+    SOURCE_IMAGE_SUFFIXES,
     Found,
     Output,
     SourceError,
@@ -187,7 +187,7 @@ def read_imagenet_val(images: str | Path, annotations: str | Path) -> Iterator[O
         refs = read_xml_archive(boxes_path)
     else:
         raise SourceError(f"val boxes {str(annotations)!r} is neither a folder nor an archive")
-    found = scan(root, IMAGE_EXTENSIONS, depth=1)
+    found = scan(root, SOURCE_IMAGE_SUFFIXES, depth=1)
 
     def build(key: str, image: Found, ref: XmlRef) -> Output:
         return _paired(key, image, ref, source)
@@ -206,7 +206,7 @@ def read_imagenet_train(images: str | Path, annotations: str | Path | None = Non
     source = "imagenet-train"
     images_root = require_dir(images, "train image folder")
     xml_root = require_dir(annotations, "train box folder") if annotations is not None else images_root
-    found = scan(images_root, IMAGE_EXTENSIONS, depth=1)
+    found = scan(images_root, SOURCE_IMAGE_SUFFIXES, depth=1)
     refs = read_xml_folder(xml_root)
 
     def build(key: str, image: Found, ref: XmlRef) -> Output:
