@@ -103,6 +103,20 @@ class ScoredModel:
             out = out[0]
         return out.float()
 
+    def columns(self, device: str) -> dict[str, str]:
+        """The weights and preprocessing a result was made with, as results tables write them."""
+        h, w = self.size
+        return {
+            "model": self.id,
+            "device": device,
+            "precision": self.signature["precision"],
+            "weights": self.weights,
+            "input_size": str(h) if h == w else f"{h}x{w}",
+            "interpolation": self.interpolation,
+            "mean": " ".join(f"{v:g}" for v in self.mean),
+            "std": " ".join(f"{v:g}" for v in self.std),
+            "batch_size": str(self.batch_limit or ""),
+        }
 
 
 @functools.cache
@@ -205,8 +219,11 @@ def build_models(
 
 
 
+IN9_CLASSES = 9
+
+
 class In9Mapper:
-    """ImageNet-9 predictions from 1000-way logits, under the two ``--in9-rule`` rules."""
+    """ImageNet-9 predictions: from 1000-way logits under the two ``--in9-rule`` rules, or a 9-way head's argmax."""
 
     def __init__(self, device: torch.device) -> None:
         mapping = torch.tensor(in9_mapping(), dtype=torch.int64)
@@ -214,7 +231,9 @@ class In9Mapper:
         self.members = torch.nonzero(mapping >= 0).flatten().to(device)
 
     def predict(self, logits: torch.Tensor, top1: torch.Tensor, rule: str) -> torch.Tensor:
-        if logits.shape[1] != self.mapping.numel():  # not a 1000-way head: no IN-9 prediction at all
+        if logits.shape[1] == IN9_CLASSES:  # an ImageNet-9 head (IN-9L models): its argmax is the prediction
+            return top1
+        if logits.shape[1] != self.mapping.numel():  # neither head: no IN-9 prediction at all
             return torch.full_like(top1, IN9_NOT_COMPUTED)
         if rule == "restrict":
             return self.mapping[self.members[logits[:, self.members].argmax(dim=1)]]

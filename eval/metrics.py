@@ -16,8 +16,9 @@ Sources:
   on Deep Neural Networks* (Sehwag, Oak, Chiang, Mittal, 2020): background
   invariance and background influence, both read against clean accuracy.
 - *Noise or Signal: The Role of Image Backgrounds in Object Recognition*
-  (Xiao, Engstrom, Ilyas, Madry, 2020): BG-Gap and per-image prediction
-  categories (their Table 3 / Figure 7).
+  (Xiao, Engstrom, Ilyas, Madry, 2020): BG-Gap, per-image prediction
+  categories (their Table 3 / Figure 7), and how often the background's
+  class wins on Mixed-Next / Mixed-Rand (the background-class rate).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.variants import VARIANTS, variants_in_group
+from pipeline.classes import in9_mapping
+from pipeline.variants import VARIANT_SPECS, VARIANTS, variants_in_group
 
 Z_95 = 1.96  # two-sided 95% normal quantile, as usually quoted
 
@@ -39,6 +41,9 @@ Z_95 = 1.96  # two-sided 95% normal quantile, as usually quoted
 # (Background Check influence; NoS Only-BG-B/T, No-FG).
 NOVEL_BACKGROUND_VARIANTS = variants_in_group("novel_background")
 BACKGROUND_ONLY_VARIANTS = variants_in_group("background_only")
+# The foreground over another image's background (a partner): each sample knows the class of the image its
+# background came from (``bg_label``), so the model's answer can be checked against it.
+MIXED_VARIANTS = tuple(v for v, spec in VARIANT_SPECS.items() if spec.partner is not None)
 
 # NoS Table 3, in their order. Correctness on (Original, Mixed-Rand, Only-BG-T):
 CATEGORIES = ("bg_required", "bg_fools", "bg_fg_required", "bg_fg_fools", "bg_irrelevant")
@@ -147,6 +152,44 @@ def accuracy(correct: np.ndarray, z: float = Z_95) -> Estimate:
     k = int(correct.sum())
     lo, hi = wilson_interval(k, n, z)
     return Estimate(k / n, lo, hi, n)
+
+
+def background_class_rate(pred: np.ndarray, bg_label: np.ndarray, z: float = Z_95) -> Estimate:
+    """Share of mixed samples predicted as the class of the image their background came from.
+
+    Over the samples that carry a background class (``bg_label >= 0``)::
+
+        rate = mean(pred = bg_label)
+
+    with the Wilson interval (:func:`accuracy` of that comparison). ``pred`` and
+    ``bg_label`` are in one label space: ImageNet-1k indices, or IN-9 indices
+    from :func:`in9_background_labels` (a background class outside the 370 IN-9
+    classes is -1 there and drops out; an IN-9 prediction outside them, -1,
+    never matches). The caller restricts rows as the label space's accuracy does.
+
+    On mixed_rand and mixed_next this is the share of images where the
+    background won over the foreground (NoS: predictions that follow the
+    background). On mixed_same the background's class is the foreground's own
+    under the builder's ``--partner-level`` (the in1k class, or the IN-9
+    superclass), so there the rate equals accuracy in that label space. It is
+    kept, not excluded: with ``--partner-level in9`` the in1k rate on mixed_same
+    measures something accuracy does not (answering the partner's fine class),
+    and a value for every mixed variant keeps the table beside accuracy
+    complete; the group's caption says so.
+    """
+    pred = np.asarray(pred, dtype=np.int64)
+    bg_label = np.asarray(bg_label, dtype=np.int64)
+    if pred.shape != bg_label.shape:
+        raise ValueError("predictions and background classes must be aligned (same length)")
+    carries = bg_label >= 0
+    return accuracy(pred[carries] == bg_label[carries], z)
+
+
+def in9_background_labels(bg_label: np.ndarray) -> np.ndarray:
+    """IN-9 superclass of each sample's background class; -1 without a background or outside the 370 classes."""
+    bg_label = np.asarray(bg_label, dtype=np.int64)
+    mapping = np.asarray(in9_mapping(), dtype=np.int64)
+    return np.where(bg_label >= 0, mapping[np.clip(bg_label, 0, mapping.size - 1)], -1)
 
 
 def background_invariance(clean_correct: np.ndarray, variant_correct: np.ndarray) -> Invariance:
@@ -408,6 +451,8 @@ class MetricGroup:
     title: str
     paper: str
     caption: str
+    # Metrics of other groups shown beside this group's values, for the same model and variant (display only).
+    beside: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -452,6 +497,13 @@ WILSON = "Wilson 95%"
 METRIC_GROUPS: tuple[MetricGroup, ...] = (
     MetricGroup("accuracy", "Accuracy on every variant", "—",
                 "Top-1 over each variant's own samples, Wilson 95% interval."),
+    MetricGroup("background_class", "Background-class rate", NOISE_OR_SIGNAL,
+                "The foreground over another image's background: how often the model answers the class of the "
+                "image the background came from, over the samples whose background class is in the label space, "
+                "Wilson 95% interval; `accuracy` beside it. On mixed_rand and mixed_next that is the background "
+                "winning over the foreground. On mixed_same the background's class is the foreground's own "
+                "(under the builder's --partner-level), so there the rate equals accuracy.",
+                beside=("accuracy",)),
     MetricGroup("invariance", "Background invariance", BACKGROUND_CHECK,
                 "The real background replaced; paired over the keys in both original and the variant."),
     MetricGroup("influence", "Background influence", BACKGROUND_CHECK,
@@ -472,6 +524,11 @@ METRICS: tuple[Metric, ...] = (
            "370 IN-9 classes; a prediction outside them is wrong)",
            f"{WILSON}: centre = (p + z²/2n)/(1 + z²/n), half-width = z·sqrt(p(1−p)/n + z²/4n²)/(1 + z²/n), z = 1.96",
            "—", _whole),
+    Metric("background_class_rate", "background_class", "bg-class rate", MIXED_VARIANTS, (), "fraction",
+           "mean(pred = bg_label) over the variant's samples with a background class (`bg_label`: the "
+           "ImageNet-1k class of the image whose background the sample carries); in9: IN-9 prediction = IN-9 "
+           "class of `bg_label`, over the IN-9 samples whose background class is one of the 370 IN-9 classes",
+           WILSON, NOISE_OR_SIGNAL, _whole),
     Metric("invariance_clean_accuracy", "invariance", "clean", NOVEL_BACKGROUND_VARIANTS, ("original",),
            "fraction", "acc(original) over the keys shared with the variant", WILSON, BACKGROUND_CHECK,
            lambda inv: _whole(inv.clean), trend=False),

@@ -22,7 +22,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from eval.device import (
     build_models,
     score_batch,
 )
+from eval.distributed import failed_anywhere, init_distributed, one_line, same_models, together
 from eval.errors import EvalError
 from eval.resume import PendingWork, merge_model, pending_work, shard_id, write_part
 from eval.scores_csv import SCORES_NAME, error_row, print_summary, score_row, write_scores
@@ -219,62 +219,6 @@ def _validate(args: argparse.Namespace) -> None:
         raise EvalError(f"--out {args.out} is a file, not a folder")
 
 
-def _init_distributed(device_name: str) -> tuple[int, int, int]:
-    """(rank, world, local_rank) from torchrun's environment; a process group when world > 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if device_name == "cuda" else "gloo"
-        if device_name == "cuda":
-            torch.cuda.set_device(local_rank)
-        torch.distributed.init_process_group(backend=backend, timeout=timedelta(hours=2))
-    return rank, world, local_rank
-
-
-def _agree(world: int, device: torch.device, failure: str | None) -> None:
-    """Every rank learns whether any rank failed, so none waits at a collective for a peer that is gone."""
-    if world > 1:
-        flag = torch.tensor([1 if failure else 0], device=device if device.type == "cuda" else "cpu")
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if flag.item() and not failure:
-            failure = "another rank failed (its error is above)"
-    if failure:
-        raise EvalError(failure)
-
-
-def _together(world: int, device: torch.device, action: Callable[[], Any]) -> Any:
-    """``action()`` on every rank; when it fails on any rank, every rank stops with one line.
-
-    In one process the error is raised as it is (the CLI words it); under
-    torchrun each rank reaches the same collective whatever happened to it.
-    """
-    if world == 1:
-        return action()
-    failure, result = None, None
-    try:
-        result = action()
-    except Exception as exc:  # noqa: BLE001 - any failure must reach the other ranks, not strand them
-        failure = _one_line(exc)
-    _agree(world, device, failure)
-    return result
-
-
-def _same_models(world: int, ids: list[str]) -> None:
-    """Ranks must score the same models (``--skip-unavailable`` may skip different ones on different nodes)."""
-    if world == 1:
-        return
-    every: list[list[str] | None] = [None] * world
-    torch.distributed.all_gather_object(every, ids)
-    if any(other != ids for other in every):
-        raise EvalError(f"the ranks have different models ({' | '.join(','.join(o or []) for o in every)}): "
-                        "make the same weights available on every node")
-
-
-def _one_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-
-
 def run(args: argparse.Namespace) -> RunStats:
     """The whole evaluation for parsed arguments (see :func:`build_parser`)."""
     _validate(args)
@@ -289,7 +233,7 @@ def run(args: argparse.Namespace) -> RunStats:
     specs = args.shards or default_shard_specs()
     if not specs:
         raise EvalError("no shards given and none under shards/: build them (python -m builders.make_shards) or pass --shards")
-    rank, world, local_rank = _init_distributed(device_name)
+    rank, world, local_rank = init_distributed(device_name)
     device = torch.device(f"cuda:{local_rank}" if device_name == "cuda" else "cpu")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # one input size per model: autotune once
@@ -301,7 +245,7 @@ def run(args: argparse.Namespace) -> RunStats:
                 stack.enter_context(exclusive(out, "evaluation"))
             return resolve_shards(specs, args.policy)
 
-        refs = _together(world, device, prepare)
+        refs = together(world, device, prepare)
         if rank == 0:
             weak = unverified(refs)
             if args.no_verify:
@@ -310,21 +254,21 @@ def run(args: argparse.Namespace) -> RunStats:
             elif weak:
                 print(f"WARNING: the manifest lists {len(weak)} shard(s) (e.g. {weak[0].name}) without sha256 and "
                       "size: their bytes are read unverified", file=sys.stderr)
-        models = _together(world, device, lambda: build_models(
+        models = together(world, device, lambda: build_models(
             ",".join(args.models) if args.models else None, device, registry=args.registry,
             weights_dir=args.weights_dir, precision=args.precision, random_weights=args.random_weights,
             skip_unavailable=args.skip_unavailable, channels_last=args.channels_last, compile_model=args.compile,
             in9_rule=args.in9_rule, limit=args.limit,
         ))
-        _same_models(world, [m.id for m in models])
-        work = _together(world, device, lambda: pending_work(out, models, refs))  # planned before any part is written
+        same_models(world, [m.id for m in models])
+        work = together(world, device, lambda: pending_work(out, models, refs))  # planned before any part is written
         started = time.perf_counter()
-        n_images = _together(world, device, lambda: run_scoring(args, refs, models, work, device, world))
+        n_images = together(world, device, lambda: run_scoring(args, refs, models, work, device, world))
         seconds = time.perf_counter() - started
         if world > 1:
             mine = list(split_by_node(iter(work.shard_indices)))
             print(f"rank {rank}/{world}: read {n_images} images from {len(mine)} shards", file=sys.stderr)
-        failed = sorted({m.id for m in models if m.error} | set(_failed_elsewhere(world, device, models)))
+        failed = sorted({m.id for m in models if m.error} | set(failed_anywhere(world, device, models)))
         if rank != 0:
             return RunStats(n_images, seconds, [], failed)
         rows = []
@@ -345,15 +289,6 @@ def run(args: argparse.Namespace) -> RunStats:
         return RunStats(n_images, seconds, rows, failed)
 
 
-def _failed_elsewhere(world: int, device: torch.device, models: Sequence[ScoredModel]) -> list[str]:
-    """Models that failed on any rank (each rank only sees its own batches)."""
-    if world == 1:
-        return []
-    flags = torch.tensor([1 if m.error else 0 for m in models], device=device if device.type == "cuda" else "cpu")
-    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-    return [m.id for m, flag in zip(models, flags.tolist(), strict=True) if flag]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from eval import zoo
@@ -362,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stats = run(args)
     except (EvalError, FolderBusy, ShardSpecError, StreamError, zoo.UnknownModel, zoo.WeightsUnavailable,
             OSError) as exc:
-        sys.stderr.write(f"error: {_one_line(exc)}\n")  # one write: under torchrun the ranks share stderr
+        sys.stderr.write(f"error: {one_line(exc)}\n")  # one write: under torchrun the ranks share stderr
         sys.stderr.flush()
         return 2
     finally:

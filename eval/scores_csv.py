@@ -1,6 +1,8 @@
 """``scores.csv``: one row per (model, variant) with the exact weights and preprocessing used.
 
-Accuracies are percentages. A model that failed (out of device memory even
+Accuracies are percentages, and so are ``bg_class_rate`` / ``in9_bg_class_rate``
+(``eval.metrics.background_class_rate`` in ImageNet-1k / ImageNet-9, empty for a
+variant whose samples carry no background class). A model that failed (out of device memory even
 one image at a time, or any error of its own) gets rows with ``error`` set and
 no numbers, and the sweep goes on: timm's ``validate.py`` habit.
 """
@@ -14,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from eval.metrics import Estimate, background_class_rate, in9_background_labels
 from eval.predictions import Predictions, predictions_path, read_predictions
 from eval.resume import read_ledger
 from pipeline.files import atomic_write_text
@@ -27,6 +30,7 @@ SCORE_COLUMNS = (
     "top5",
     "in9_top1",
     "bg_class_rate",
+    "in9_bg_class_rate",
     "images_per_s",
     "device",
     "precision",
@@ -45,25 +49,8 @@ def _pct(values: np.ndarray) -> str:
     return f"{100.0 * values.mean():.3f}" if values.size else ""
 
 
-def background_class_rate(preds: Predictions) -> np.ndarray:
-    """Per mixed sample: did the model predict the class of the background's image (1000-way)?"""
-    carries = preds.bg_label >= 0  # type: ignore[operator]
-    return (preds.pred == preds.bg_label)[carries]  # type: ignore[index]
-
-
-def _model_columns(model: Any, device: str) -> dict[str, str]:
-    size = model.size
-    return {
-        "model": model.id,
-        "device": device,
-        "precision": model.signature["precision"],
-        "weights": model.weights,
-        "input_size": str(size[0]) if size[0] == size[1] else f"{size[0]}x{size[1]}",
-        "interpolation": model.interpolation,
-        "mean": " ".join(f"{v:g}" for v in model.mean),
-        "std": " ".join(f"{v:g}" for v in model.std),
-        "batch_size": str(model.batch_limit or ""),
-    }
+def _pct_of(estimate: Estimate) -> str:
+    return f"{100.0 * estimate.value:.3f}" if estimate.n else ""
 
 
 def score_row(out: Path, model: Any, variant: str, device: str) -> dict[str, str]:
@@ -76,13 +63,16 @@ def score_row(out: Path, model: Any, variant: str, device: str) -> dict[str, str
     in9_rows = (preds.in9_label >= 0) & preds.in9_computed
     return {
         **dict.fromkeys(SCORE_COLUMNS, ""),
-        **_model_columns(model, device),
+        **model.columns(device),
         "variant": variant,
         "n": str(n),
         "top1": _pct(preds.correct),
         "top5": _pct(preds.correct_top5),
         "in9_top1": _pct(preds.in9_correct[in9_rows]),
-        "bg_class_rate": _pct(background_class_rate(preds)),
+        # eval.metrics.background_class_rate, over the same rows as top1 and in9_top1 (the report's definition).
+        "bg_class_rate": _pct_of(background_class_rate(preds.pred, preds.bg_label)),
+        "in9_bg_class_rate": _pct_of(background_class_rate(preds.in9_pred[in9_rows],
+                                                           in9_background_labels(preds.bg_label)[in9_rows])),
         "images_per_s": f"{n / seconds:.1f}" if seconds > 0 else "",
         "skipped": str(sum(int(e["skipped"]) for e in entries)),
     }
@@ -90,7 +80,7 @@ def score_row(out: Path, model: Any, variant: str, device: str) -> dict[str, str
 
 def error_row(model: Any, variant: str, device: str) -> dict[str, str]:
     """The row of a model that stopped: no numbers, the reason."""
-    return {**dict.fromkeys(SCORE_COLUMNS, ""), **_model_columns(model, device), "variant": variant,
+    return {**dict.fromkeys(SCORE_COLUMNS, ""), **model.columns(device), "variant": variant,
             "error": model.error or "failed"}
 
 
@@ -131,5 +121,5 @@ def print_summary(rows: list[dict[str, str]], label_space: str, seconds: float, 
         print(f"read {n_images} images in {seconds:.1f} s ({n_images / max(seconds, 1e-9):.1f} images/s end to end)")
 
 
-__all__ = ["SCORES_NAME", "SCORE_COLUMNS", "background_class_rate", "error_row", "print_summary", "read_scores",
+__all__ = ["SCORES_NAME", "SCORE_COLUMNS", "error_row", "print_summary", "read_scores",
            "score_row", "write_scores"]

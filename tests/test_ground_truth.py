@@ -255,6 +255,7 @@ def check_ground_truth(report_dir: Path) -> dict[str, dict[str, float]]:
             "drop_mixed_rand": mm["invariance"]["mixed_rand"]["drop"],
             "bg_gap": mm["bg_gap"]["value"],
             "chance": mm["influence"]["only_bg_t"]["chance"],
+            "bg_class_mixed_rand": mm["background_class"]["mixed_rand"]["value"],
         }
         seen[model] = nums
         # metrics.csv and metrics.json are two views of one computation.
@@ -263,6 +264,7 @@ def check_ground_truth(report_dir: Path) -> dict[str, dict[str, float]]:
         assert table[(model, "influence_above_chance", "only_bg_t")] == pytest.approx(nums["only_bg_t"] - 1 / 1000)
         assert table[(model, "invariance_drop", "mixed_rand")] == pytest.approx(nums["drop_mixed_rand"])
         assert table[(model, "bg_gap", "")] == pytest.approx(nums["bg_gap"])
+        assert table[(model, "background_class_rate", "mixed_rand")] == pytest.approx(nums["bg_class_mixed_rand"])
         assert nums["chance"] == pytest.approx(1 / 1000) == doc["chance"]["in1k"]
         assert nums["clean"] > 0.85, (model, nums)
     bg, fg = seen["bg"], seen["fg"]
@@ -273,6 +275,11 @@ def check_ground_truth(report_dir: Path) -> dict[str, dict[str, float]]:
     assert fg["drop_mixed_rand"] < 0.15, ("fg survives a random background", fg)
     assert bg["bg_gap"] > 0.3, ("bg gains from a same-class background", bg)
     assert abs(fg["bg_gap"]) < 0.15, ("fg does not care whose background", fg)
+    # A random partner is of the label's own class about 1/K of the time (21 of 64 here), and then fg, right
+    # on the foreground, answers the background's class too: its rate sits near that share, not near 0.
+    assert bg["bg_class_mixed_rand"] > 0.5, ("bg answers the background's class on mixed_rand", bg)
+    assert fg["bg_class_mixed_rand"] < 0.45, ("fg answers the foreground's class on mixed_rand", fg)
+    assert bg["bg_class_mixed_rand"] > fg["bg_class_mixed_rand"] + 0.25, ("bg follows the background more", bg, fg)
     return seen
 
 

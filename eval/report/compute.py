@@ -48,6 +48,7 @@ class ModelMetrics:
     model: str
     label_space: str
     accuracy: dict[str, M.Estimate] = field(default_factory=dict)
+    background_class: dict[str, M.Estimate] = field(default_factory=dict)
     invariance: dict[str, M.Invariance] = field(default_factory=dict)
     influence: dict[str, M.Influence] = field(default_factory=dict)
     bg_gap: M.Estimate | None = None
@@ -86,6 +87,21 @@ def group_applies(group: str, label_space: str) -> bool:
 
 def _accuracy(data: dict[str, Outcomes], ctx: _Context) -> dict[str, M.Estimate]:
     return {v: M.accuracy(data[v].correct) for v in M.VARIANTS if v in data}
+
+
+def _background_class(data: dict[str, Outcomes], ctx: _Context) -> dict[str, M.Estimate]:
+    out: dict[str, M.Estimate] = {}
+    for variant in M.MIXED_VARIANTS:
+        if variant not in data:
+            continue
+        o = data[variant]
+        rate = M.background_class_rate(o.pred, o.bg_label)
+        if rate.n == 0:
+            where = "in IN-9" if ctx.label_space == "in9" else "(bg_label; older predictions files lack it)"
+            ctx.note(f"no {variant} sample carries a background class {where}, its background-class rate is left out")
+            continue
+        out[variant] = rate
+    return out
 
 
 def _invariance(data: dict[str, Outcomes], ctx: _Context) -> dict[str, M.Invariance]:
@@ -163,6 +179,7 @@ class _Context:
 # One function per metric group, keyed by the group (= ModelMetrics field) it fills.
 GROUP_COMPUTE: dict[str, Callable[[dict[str, Outcomes], _Context], Any]] = {
     "accuracy": _accuracy,
+    "background_class": _background_class,
     "invariance": _invariance,
     "influence": _influence,
     "bg_gap": _bg_gap,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eval.metrics import in9_background_labels
 from eval.predictions import Predictions, read_predictions
 from pipeline.classes import imagenet_classes, in9_names
 from pipeline.variants import VARIANTS
@@ -48,6 +49,8 @@ class Outcomes:
     keys: np.ndarray  # str
     correct: np.ndarray  # bool
     labels: np.ndarray  # int64 class index in the label space
+    pred: np.ndarray  # int64 top-1 in the label space (in9: -1 = outside the 370 classes)
+    bg_label: np.ndarray  # int64 class of the background's image in the label space, -1 = none (or outside IN-9)
 
     def column(self) -> tuple[np.ndarray, np.ndarray]:
         """(keys, correct), the form eval.metrics.join_by_key takes."""
@@ -165,7 +168,7 @@ def outcomes(preds: Predictions, label_space: str, model: str, variant: str, not
     never made are left out.
     """
     if label_space == "in1k":
-        return Outcomes(preds.keys.astype(str), preds.correct, preds.label)
+        return Outcomes(preds.keys.astype(str), preds.correct, preds.label, preds.pred, preds.bg_label)
     eligible = preds.in9_label >= 0
     if not eligible.any():
         notes.add(f"{model}: no sample of the 370 IN-9 classes in {variant}, left out of in9 metrics")
@@ -177,4 +180,5 @@ def outcomes(preds: Predictions, label_space: str, model: str, variant: str, not
     if (unscored := int((eligible & ~scored).sum())) > 0:
         notes.add(f"{model}: {variant} has {unscored} IN-9 sample(s) without an in9 prediction, "
                   "left out of in9 metrics")
-    return Outcomes(preds.keys[scored].astype(str), preds.in9_correct[scored], preds.in9_label[scored])
+    return Outcomes(preds.keys[scored].astype(str), preds.in9_correct[scored], preds.in9_label[scored],
+                    preds.in9_pred[scored], in9_background_labels(preds.bg_label)[scored])

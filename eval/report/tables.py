@@ -110,9 +110,16 @@ def metric_tables(label_space: str, per_model: dict[str, ModelMetrics]) -> list[
         if not metrics:
             continue
         group_values = {m: [v for v in values[m] if v.metric.group == group.name] for m in order}
+        beside = [M.METRIC_BY_NAME[n] for n in group.beside if label_space in M.METRIC_BY_NAME[n].label_spaces]
         single = metrics[0]
         caption = group.caption
-        if len(metrics) == 1 and single.per_variant and not single.breakdown:
+        if beside:
+            # The same model's values of another group for the variants this group has (the rate beside accuracy).
+            for m in order:
+                own = {v.variant for v in group_values[m]}
+                group_values[m] = [v for v in values[m] if v.metric in beside and v.variant in own] + group_values[m]
+            header, rows = _value_rows([*beside, *metrics], group_values, label_space)
+        elif len(metrics) == 1 and single.per_variant and not single.breakdown:
             header, rows = _variant_matrix(single, group_values)
             caption += f" Values: {single.column} (`{single.name}`)."
         else:
