@@ -8,8 +8,15 @@ Measures, for ResNet-50 (random weights; bf16 + channels-last on CUDA):
 
 prints their ratio, then times a sweep of several models (``paper32`` by
 default on CUDA) over the same shards, decoding each image once for all of
-them. Without ``--shards`` it writes synthetic 224 px JPEG shards (with a
-manifest) to a temporary folder. Prints one JSON summary on stdout.
+them, and the full-size Backgrounds Challenge: 4050 foregrounds x 4050
+backgrounds (the size of ImageNet-9's test set), ResNet-50, bf16, random
+weights biased so that a fifth of the foregrounds survive every background
+(``bench.challenge_bench``; the pretrained ResNet-50's figure is 22.3%),
+through ``eval.challenge`` end to end; their loop (``challenge_eval.py``,
+ported) runs on the first ``--their-foregrounds`` foregrounds and is
+projected to all of them. Without ``--shards`` it writes synthetic 224 px
+JPEG shards (with a manifest) to a temporary folder. Prints one JSON summary
+on stdout.
 
     python bench/gpu_eval.py                 # CUDA, synthetic shards
     python bench/gpu_eval.py --quick         # tiny CPU run
@@ -142,6 +149,39 @@ def score_run(shards: Path, models: str, out: Path, device: torch.device, precis
         return score.run(score.build_parser().parse_args(argv))
 
 
+def challenge_run(root: Path, n: int, device: torch.device, precision: str, batch: int, workers: int,
+                  their_foregrounds: int) -> dict[str, Any]:
+    """The challenge at n x n: ours end to end, and their loop on the first few foregrounds, projected."""
+    from bench import challenge_bench as cb
+    from eval.device import build_models
+
+    t0 = time.perf_counter()
+    shards = cb.write_challenge_shards(root / "challenge", n, n, 224)
+    write_s = time.perf_counter() - t0
+    model_id = cb.register_biased("resnet50")
+    ours = cb.run_ours(shards, model_id, root / "challenge-results", device.type, precision, batch, channels_last=True)
+    summary: dict[str, Any] = {
+        "foregrounds": n, "backgrounds": n, "model": model_id, "precision": precision, "batch_size": batch,
+        "synthetic_shards_write_s": round(write_s, 2),
+        "challenge_accuracy": ours["challenge_accuracy"],
+        "composites": ours["composites"],
+        "ours_wall_s": round(ours["wall_s"], 2),
+        "ours_composites_per_s": round(ours["composites"] / ours["search_s"], 1),
+        "goal_wall_s": 600, "goal_met": ours["wall_s"] < 600,
+    }
+    if their_foregrounds > 0:
+        k = min(n, their_foregrounds)
+        layout = cb.export_their_layout(shards, root / "theirs")
+        layout["foregrounds"] = layout["foregrounds"][:k]  # classes come in turn: the first k have the same mix
+        built = build_models(model_id, device, random_weights=True, precision=precision)[0]
+        with torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32"):
+            theirs = cb.run_theirs(layout, built.module, built.mean, built.std, device, workers)
+        summary["theirs_foregrounds_timed"] = k
+        summary["theirs_projected_wall_s"] = round(theirs["wall_s"] * n / k, 1)
+        summary["speedup_projected"] = round(theirs["wall_s"] * n / k / ours["wall_s"], 2)
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", default=None, help="shard spec to read (default: synthetic shards in a temp folder)")
@@ -154,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", choices=tuple(PRECISIONS), default=None)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--no-sweep", action="store_true", help="skip the multi-model sweep")
+    p.add_argument("--challenge-size", type=int, default=4050,
+                   help="foregrounds = backgrounds of the challenge run (0 skips it; default 4050)")
+    p.add_argument("--their-foregrounds", type=int, default=45,
+                   help="foregrounds their ported loop is timed on, then projected (0 skips it; default 45)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -163,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.synthetic_shards, args.samples_per_shard = 2, 8
         args.batch_size, args.workers = 4, min(args.workers, 2)
+        args.challenge_size, args.their_foregrounds = min(args.challenge_size, 10), min(args.their_foregrounds, 5)
     sweep_models = args.models or ("paper32" if device.type == "cuda" and not args.quick else QUICK_SWEEP)
     iters, warmup = (3, 1) if args.quick else (30, 10)
 
@@ -212,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
                 "images_x_models_per_s": round(sweep.n_images * len(per_model) / sweep.seconds, 1),
                 "per_model_images_per_s": per_model,
             }
+        if args.challenge_size > 0:
+            summary["challenge"] = challenge_run(tmp_path, args.challenge_size, device, precision, args.batch_size,
+                                                 0 if device.type == "cpu" else args.workers, args.their_foregrounds)
     print(json.dumps(summary, indent=1))
     return 0
 

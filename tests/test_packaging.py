@@ -71,3 +71,17 @@ def test_an_installed_wheel_builds_and_verifies_the_demo_from_another_folder(whe
     assert manifest["totals"]["samples"] > 0 and manifest["config"]["fill"] == "white"
     checked = run("-m", "builders.verify", "shards")
     assert checked.returncode == 0 and checked.stdout.startswith("OK"), checked.stdout + checked.stderr
+
+
+def test_every_console_script_names_a_command_with_help(wheel, tmp_path):
+    """Each console script of the wheel points at a ``main`` that answers ``--help`` (exit 0, its own usage)."""
+    with zipfile.ZipFile(wheel) as zf:
+        (entry_points,) = [n for n in zf.namelist() if n.endswith("entry_points.txt")]
+        lines = zf.read(entry_points).decode().splitlines()
+    scripts = dict(line.split(" = ") for line in lines if " = " in line)
+    assert {"bgcheck-score", "bgcheck-challenge", "bgcheck-report"} <= set(scripts)
+    for name, target in scripts.items():
+        module, func = target.split(":")
+        code = f"import sys; from {module} import {func} as main; sys.argv = ['{name}', '--help']; main()"
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and "usage:" in proc.stdout, (name, proc.stderr[-500:])

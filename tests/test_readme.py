@@ -47,6 +47,7 @@ SECTIONS = {
     "builders.make_shards": "## Builder",
     "builders.verify": "## Sharing and verifying shards",
     "eval.score": "## Evaluator",
+    "eval.challenge": "## The Backgrounds Challenge",
     "eval.report": "## Metrics and the report",
     "eval.zoo": "## The model zoo",
     "eval.demo": "## Quick start",
