@@ -284,7 +284,7 @@ def _search_shard(args: argparse.Namespace, models: Sequence[ScoredModel], needs
                   f"preprocessing, label space or backgrounds) were replaced; the old ones are kept in {moved}",
                   file=sys.stderr)
         composites += found.composites
-        bar.update(len(fgs.keys))
+        bar.update(len(fgs.keys) + fgs.outside_label_space)
     return composites
 
 

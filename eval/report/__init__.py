@@ -8,12 +8,18 @@ model and label space, and writes ``metrics.csv`` (long format),
 ``fig_*.png`` that have data. Metrics are recomputed from predictions only,
 so a report never disagrees with the per-sample files. report.html also
 holds a gallery of thumbnails per source image, read from the shards
-(``--shards``, or where eval.score's ledgers say they were read).
+(``--shards``, or where eval.score's ledgers say they were read). When
+``RESULTS_DIR/challenge.csv`` exists (``python -m eval.challenge``), the
+report adds the Backgrounds Challenge: a table per model beside its clean
+accuracy, ``fig_challenge.png``, ``challenge_accuracy`` rows in metrics.csv
+and, from the shards the challenge recorded, fooled foregrounds with their
+composites and the strongest backgrounds.
 
 Modules, one job each: ``inputs`` (read and vet predictions), ``compute``
 (typed results per model), ``tables`` (metrics.csv rows and the tables),
 ``figures``, ``gallery`` (which keys, and their rows of captioned images),
 ``thumbnails`` (finding the shards, reading only the samples shown),
+``challenge`` (the Backgrounds Challenge's results and images),
 ``markdown`` (report.md, README section), ``html`` (report.html), ``build``
 (writes everything), ``cli``.
 """

@@ -1,4 +1,8 @@
-"""build_report: predictions in, metrics.csv, trends.csv, metrics.json, report.md, report.html and figures out."""
+"""build_report: predictions in, metrics.csv, trends.csv, metrics.json, report.md, report.html and figures out.
+
+A Backgrounds Challenge in the same results folder (``challenge.csv``) adds
+its section, figure, metrics.csv rows and images; without one nothing changes.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,16 @@ from pathlib import Path
 import numpy as np
 
 from eval.predictions import list_predictions
+from eval.report.challenge import (
+    NOS_REFERENCE,
+    Challenge,
+    ChallengeGallery,
+    challenge_gallery,
+    challenge_json,
+    challenge_long_rows,
+    has_challenge,
+    read_challenge,
+)
 from eval.report.compute import (
     ModelMetrics,
     compute_model,
@@ -19,7 +33,7 @@ from eval.report.compute import (
     trend_axes,
     trends,
 )
-from eval.report.figures import all_figure_names, draw_figures
+from eval.report.figures import all_figure_names, draw_challenge, draw_figures
 from eval.report.gallery import (
     GALLERY_SEED,
     GALLERY_SIZE,
@@ -46,8 +60,10 @@ from eval.report.markdown import report_markdown
 from eval.report.tables import (
     CSV_COLUMNS,
     TREND_COLUMNS,
+    ChallengeSection,
     LabelSpaceSection,
     ReportDocument,
+    challenge_table,
     csv_text,
     label_space_title,
     long_rows,
@@ -161,6 +177,21 @@ def build_gallery(results_dir: Path, store: PredictionStore, shards: Sequence[st
     return Gallery(tuple(sections), tuple(lines), intro), summary
 
 
+def build_challenge(results_dir: Path, out_dir: Path, challenge: Challenge, shards: Sequence[str] | None,
+                    gallery_size: int, notes: Notes) -> tuple[ChallengeSection, ChallengeGallery, dict]:
+    """The Backgrounds Challenge's section, its images and its metrics.json entry."""
+    figures, skipped = draw_challenge(out_dir, challenge.results, NOS_REFERENCE)
+    images = challenge_gallery(results_dir, challenge, shards, gallery_size, notes) if challenge.results \
+        else ChallengeGallery()
+    shown = sum(len(s.rows) for s in images.sections)
+    in_html = [f"report.html shows {shown} row(s) of challenge images: "
+               + ", ".join(f"{s.title} ({len(s.rows)})" for s in images.sections) + "."] if shown else []
+    figure = {"written": [f.name for f in figures], "not_drawn": skipped}
+    section = ChallengeSection(challenge_table(challenge.results, NOS_REFERENCE), figures, skipped,
+                               [*challenge.lines, *images.lines], in_html)
+    return section, images, challenge_json(challenge, figure, images)
+
+
 def build_report(
     results_dir: str | Path,
     out_dir: str | Path | None = None,
@@ -221,6 +252,13 @@ def build_report(
         tables = [*metric_tables(ls, per_model), trends_table(ls, trend_rows[ls])]
         sections.append(LabelSpaceSection(ls, label_space_title(ls), figures, skipped, tables))
 
+    challenge_section, challenge_images, challenge_summary = None, ChallengeGallery(), None
+    if has_challenge(results_dir):
+        challenge = read_challenge(results_dir, per_space, notes)
+        challenge_section, challenge_images, challenge_summary = build_challenge(
+            results_dir, out_dir, challenge, shards, gallery_size, notes)
+        csv_rows += challenge_long_rows(challenge)
+
     models = sorted(found)
     summary = {
         "results_dir": str(results_dir),
@@ -242,6 +280,10 @@ def build_report(
         "gallery": gallery_summary,
         "notes": notes.items,
     }
+    if challenge_section is not None:
+        summary["challenge"] = challenge_summary
+        summary["figures"]["written"] += [f.name for f in challenge_section.figures]
+        summary["figures"]["not_drawn"] += challenge_section.figures_skipped
     safe = _json_safe(summary)
     doc = ReportDocument(
         intro=(f"Results: {results_dir}. Models: {len(models)}. Intervals: Wilson 95% for accuracies; paired "
@@ -252,12 +294,14 @@ def build_report(
         definitions=metrics_reference(),
         notes=notes.items,
         gallery=gallery_markdown_lines(gallery),
+        challenge=challenge_section,
     )
     figure_names = [f.name for s in sections for f in s.figures]
+    figure_names += [f.name for f in challenge_section.figures] if challenge_section is not None else []
     atomic_write_text(out_dir / "metrics.csv", csv_text(CSV_COLUMNS, csv_rows))
     atomic_write_text(out_dir / "trends.csv", csv_text(TREND_COLUMNS, [r for rs in trend_rows.values() for r in rs]))
     atomic_write_text(out_dir / "metrics.json", json.dumps(safe, indent=1, sort_keys=False) + "\n")
     atomic_write_text(out_dir / "report.md", report_markdown(doc))
-    atomic_write_text(out_dir / "report.html", report_html(doc, out_dir, gallery))
+    atomic_write_text(out_dir / "report.html", report_html(doc, out_dir, gallery, challenge_images.sections))
     names = ("metrics.csv", "trends.csv", "metrics.json", "report.md", "report.html", *figure_names)
     return {**safe, "outputs": [str(out_dir / n) for n in names]}  # type: ignore[dict-item]

@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gallery: {sum(map(len, gallery['sections'].values()))} rows, {gallery['thumbnails']} thumbnails")
     else:
         print(gallery["reason"])
+    if "challenge" in result:
+        rows = [r for r in result["challenge"]["results"] if r["challenge_accuracy"] is not None]
+        print(f"Backgrounds Challenge: {len(rows)} of {len(result['challenge']['results'])} model(s) with results")
     if result["notes"]:
         print(f"{len(result['notes'])} note(s), see {out / 'report.md'}")
     return 0

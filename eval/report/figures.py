@@ -4,7 +4,9 @@
 model with its 95% intervals, a least-squares line with its confidence band per
 variant, and y = x (Background Check, Fig. 1); (2) background-only accuracy
 against clean accuracy with the chance line; (3) BG-Gap per model with its
-interval (Noise or Signal); (4) the prediction categories as stacked bars.
+interval (Noise or Signal); (4) the prediction categories as stacked bars;
+and, when the results hold a Backgrounds Challenge, (5) challenge accuracy
+against clean accuracy per model, with y = x (``fig_challenge.png``).
 A figure without data is not written; the report gets the reason instead.
 Drawn on matplotlib ``Figure`` objects (no pyplot), so no global backend is
 switched and nothing leaks between calls.
@@ -13,9 +15,9 @@ switched and nothing leaks between calls.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,6 +25,9 @@ from eval import metrics as M
 from eval.report.compute import Comparison, ModelMetrics, model_order
 from eval.report.inputs import NUM_CLASSES
 from eval.report.tables import FigureFile
+
+if TYPE_CHECKING:
+    from eval.report.challenge import ChallengeResult
 
 MARKERS = ("o", "s", "^", "D", "v", "P")
 # Horizontal offset between series as a share of the x range: equal points of two series (same
@@ -37,8 +42,11 @@ def figure_name(stem: str, label_space: str) -> str:
     return f"{stem}{'' if label_space == 'in1k' else '_' + label_space}.png"
 
 
+CHALLENGE_FIGURE = "fig_challenge.png"  # one figure for both label spaces: a marker per label space
+
+
 def all_figure_names() -> list[str]:
-    return [figure_name(stem, ls) for stem in FIGURES for ls in NUM_CLASSES]
+    return [*(figure_name(stem, ls) for stem in FIGURES for ls in NUM_CLASSES), CHALLENGE_FIGURE]
 
 
 def draw_figures(out_dir: Path, label_space: str, per_model: dict[str, ModelMetrics],
@@ -249,3 +257,60 @@ FIGURES: dict[str, tuple[str, Callable[[str, list[str], dict[str, ModelMetrics],
     "fig_bg_gap": ("BG-Gap per model", _bg_gap),
     "fig_categories": ("Prediction categories", _categories),
 }
+
+
+def draw_challenge(out_dir: Path, results: Sequence[ChallengeResult],
+                   reference: Sequence[tuple[str, float, float]]) -> tuple[list[FigureFile], list[str]]:
+    """fig_challenge.png when a model has both a challenge and a clean accuracy; else why it is not drawn."""
+    points = [r for r in results if r.accuracy is not None and r.clean is not None
+              and _finite(r.accuracy.value, r.clean.value)]
+    if not points:
+        return [], [f"{CHALLENGE_FIGURE} not drawn: no model has both a challenge accuracy and a clean accuracy "
+                    "(accuracy on original, scored by eval.score) in the challenge's label space"]
+    try:
+        from matplotlib.figure import Figure  # noqa: F401  (optional extra: bgcheck[plots])
+    except ImportError:
+        return [], [f"{CHALLENGE_FIGURE} not drawn: matplotlib is not installed (pip install 'bgcheck[plots]')"]
+    fig, ax = _new_figure()
+    colors, seen = _colors(), []
+    spaces = [ls for ls in NUM_CLASSES if any(r.label_space == ls for r in points)]
+    for i, ls in enumerate(spaces):
+        mine = [r for r in points if r.label_space == ls]
+        xs = np.array([100 * r.clean.value for r in mine])  # type: ignore[union-attr]
+        ys = np.array([100 * r.accuracy.value for r in mine])  # type: ignore[union-attr]
+        xerr = np.array([_err(r.clean) for r in mine]).T  # type: ignore[arg-type]
+        yerr = np.array([_err(r.accuracy) for r in mine]).T  # type: ignore[arg-type]
+        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt=MARKERS[i], color=colors[i], markersize=6, elinewidth=0.8,
+                    capsize=2, label=f"{ls} ({len(mine)} model{'s' if len(mine) != 1 else ''})", zorder=3)
+        for r, x, y in zip(mine, xs, ys, strict=True):  # names to the left of points in the right half
+            right = x > 50
+            ax.annotate(r.model, (x, y), xytext=(-4 if right else 4, 4), textcoords="offset points", fontsize=7,
+                        ha="right" if right else "left")
+        seen += [*(xs - xerr[0]), *(xs + xerr[1]), *(ys - yerr[0]), *(ys + yerr[1])]
+    shown_reference = "in9" in spaces and bool(reference)
+    if shown_reference:
+        rx, ry = [100 * c for _, _, c in reference], [100 * a for _, a, _ in reference]
+        ax.scatter(rx, ry, marker="*", s=110, color=colors[len(spaces) % len(colors)], zorder=3,
+                   label="Noise or Signal (in9, published)")
+        for (name, _, _), x, y in zip(reference, rx, ry, strict=True):
+            ax.annotate(name, (x, y), xytext=(-4, -10), textcoords="offset points", fontsize=7, ha="right")
+        seen += rx + ry
+    lo, hi = _limits(seen)
+    ax.plot([lo, hi], [lo, hi], "k--", linewidth=1, label="y = x")
+    # Room past 0 and 100, so a point there (common: 0% challenge accuracy) is not hidden by the frame.
+    ax.set_xlim(lo - 2.5, hi + 2.5)
+    ax.set_ylim(lo - 2.5, hi + 2.5)
+    ax.set_xlabel("clean accuracy, original (%)")
+    ax.set_ylabel("challenge accuracy (%)")
+    ax.set_title("Backgrounds Challenge")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out_dir / CHALLENGE_FIGURE, dpi=DPI)
+    caption = ("Challenge accuracy (share of foregrounds no background fools) against clean accuracy on original, "
+               "in the challenge's label space: one point per model with Wilson 95% intervals on both axes; dashed: "
+               "y = x (how far below it a model lies is roughly what its worst-case backgrounds cost)"
+               + ("; stars: Noise or Signal's published ResNet-50s (IN-9)." if shown_reference else "."))
+    left_out = [r.model for r in results if r.accuracy is not None and r not in points]
+    skipped = [f"{CHALLENGE_FIGURE}: {', '.join(left_out)} left out (no clean accuracy in the challenge's label "
+               "space)"] if left_out else []
+    return [FigureFile(CHALLENGE_FIGURE, "Backgrounds Challenge", caption)], skipped

@@ -5,9 +5,9 @@ It opens from disk in any browser and travels as one file. Everything shown
 comes from the same :class:`ReportDocument` as report.md, plus the
 :class:`Gallery`; every piece of user data (model ids, keys, notes, class
 names) passes through :func:`html.escape` exactly once, here. The gallery is
-generic: sections of rows of (image, caption lines), so a later section (the
-Backgrounds Challenge: a foreground beside the background that fooled it)
-is new rows, not new markup.
+generic: sections of rows of (image, caption lines), so the Backgrounds
+Challenge's images (a foreground beside the background that fooled it and
+their composite; the strongest backgrounds) are new rows, not new markup.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 
-from eval.report.tables import Cell, FigureFile, ReportDocument, Table
+from eval.report.tables import Cell, ChallengeSection, FigureFile, ReportDocument, Table
 
 CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d232b; margin: 0;
@@ -142,16 +142,21 @@ def gallery_html(gallery: Gallery) -> str:
     if gallery.intro:
         parts.append(f'<p class="caption">{escape(gallery.intro)}</p>')
     parts += [f'<p class="skipped">{escape(line)}</p>' for line in gallery.lines]
-    for section in gallery.sections:
-        parts.append(f'<section class="gallery-section" data-section="{escape(section.ident)}">'
-                     f"<h3>{escape(section.title)}</h3><p class=\"caption\">{escape(section.caption)}</p>")
-        if not section.rows:
-            parts.append(f'<p class="empty">{escape(section.empty)}</p>')
-        for row in section.rows:
-            parts.append(f'<div class="gallery-row" data-key="{escape(row.key)}">'
-                         f'<div class="row-head">{_caption_lines(row.lines)}</div>'
-                         + "".join(_gallery_image(image) for image in row.images) + "</div>")
-        parts.append("</section>")
+    parts += [gallery_section_html(section) for section in gallery.sections]
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def gallery_section_html(section: GallerySection) -> str:
+    """One section of rows of captioned images (the gallery's, or the Backgrounds Challenge's)."""
+    parts = [f'<section class="gallery-section" data-section="{escape(section.ident)}">'
+             f"<h3>{escape(section.title)}</h3><p class=\"caption\">{escape(section.caption)}</p>"]
+    if not section.rows:
+        parts.append(f'<p class="empty">{escape(section.empty)}</p>')
+    for row in section.rows:
+        parts.append(f'<div class="gallery-row" data-key="{escape(row.key)}">'
+                     f'<div class="row-head">{_caption_lines(row.lines)}</div>'
+                     + "".join(_gallery_image(image) for image in row.images) + "</div>")
     parts.append("</section>")
     return "\n".join(parts)
 
@@ -195,7 +200,19 @@ def _figure(fig: FigureFile, out_dir: Path) -> str:
             f"{escape(fig.caption)}</figcaption></figure>")
 
 
-def report_html(doc: ReportDocument, out_dir: Path, gallery: Gallery | None = None) -> str:
+def challenge_html(section: ChallengeSection, out_dir: Path, images: Sequence[GallerySection]) -> str:
+    """The Backgrounds Challenge: its table, its figure, and its rows of images."""
+    parts = ['<section id="challenge-section">', table_html(section.table, 2)]
+    if section.figures:
+        parts.append('<div class="figures">' + "".join(_figure(f, out_dir) for f in section.figures) + "</div>")
+    parts += [f'<p class="skipped">{escape(line)}</p>' for line in (*section.figures_skipped, *section.lines)]
+    parts += [gallery_section_html(s) for s in images]
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def report_html(doc: ReportDocument, out_dir: Path, gallery: Gallery | None = None,
+                challenge_images: Sequence[GallerySection] = ()) -> str:
     """The whole page; figures are read from ``out_dir`` and embedded."""
     gallery = gallery or Gallery()
     nav = ['<a href="#models">Models</a>']
@@ -203,6 +220,8 @@ def report_html(doc: ReportDocument, out_dir: Path, gallery: Gallery | None = No
         nav.append('<a href="#published">Published figures</a>')
     if gallery.shown:
         nav.append('<a href="#gallery">Gallery</a>')
+    if doc.challenge is not None:
+        nav.append('<a href="#challenge">Backgrounds Challenge</a>')
     nav += [f'<a href="#ls-{escape(s.label_space)}">{escape(s.label_space)}</a>' for s in doc.sections]
     nav += ['<a href="#notes">Notes</a>', '<a href="#definitions">Definitions</a>']
     body = [f"<header><h1>Background reliance report</h1><p>{escape(doc.intro)}</p><nav>{''.join(nav)}</nav></header>",
@@ -211,6 +230,8 @@ def report_html(doc: ReportDocument, out_dir: Path, gallery: Gallery | None = No
         body.append(f'<section id="published-section">{table_html(doc.published, 2)}</section>')
     # The images first: what a reader looks at before the numbers (the nav reaches every table).
     body.append(gallery_html(gallery))
+    if doc.challenge is not None:
+        body.append(challenge_html(doc.challenge, out_dir, challenge_images))
     for section in doc.sections:
         parts = [f'<section id="ls-{escape(section.label_space)}"><h2>{escape(section.title)}</h2>']
         if section.figures:

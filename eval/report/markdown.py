@@ -33,6 +33,12 @@ def report_markdown(doc: ReportDocument) -> str:
         lines += table_markdown(doc.published, "##")
     if doc.gallery:
         lines += ["## Gallery", "", *(f"- {line}" for line in doc.gallery), ""]
+    if doc.challenge is not None:
+        lines += table_markdown(doc.challenge.table, "##")
+        for fig in doc.challenge.figures:
+            lines += [f"![{fig.title}]({fig.name})", "", f"_{fig.caption}_", ""]
+        extra = [*doc.challenge.figures_skipped, *doc.challenge.images, *doc.challenge.lines]
+        lines += [*(f"- {line}" for line in extra), *([""] if extra else [])]
     for section in doc.sections:
         lines += [f"## {section.title}", "", "### Figures", ""]
         for fig in section.figures:

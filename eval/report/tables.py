@@ -13,10 +13,14 @@ import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from eval import metrics as M
 from eval.report.compute import Comparison, MetricValue, ModelMetrics, breakdown_columns, model_order
 from eval.report.inputs import NUM_CLASSES, class_names
+
+if TYPE_CHECKING:
+    from eval.report.challenge import ChallengeResult
 
 CSV_COLUMNS = ("model", "label_space", "metric", "variant", "variants", "category", "class", "value", "lo", "hi", "n")
 TREND_COLUMNS = ("label_space", "metric", "variant", "variants", "category", "class", "x", "slope", "intercept",
@@ -241,10 +245,45 @@ def trends_table(label_space: str, trend_rows: list[dict]) -> Table:
     )
 
 
+def challenge_table(results: Sequence[ChallengeResult], reference: Sequence[tuple[str, float, float]]) -> Table:
+    """One row per model of challenge.csv, its clean accuracy (the report's own) beside it."""
+    errors = any(r.error for r in results)
+
+    def row(r: ChallengeResult) -> tuple[Cell, ...]:
+        challenge = estimate_cell(r.accuracy) if r.accuracy is not None else MISSING
+        clean = estimate_cell(r.clean) if r.clean is not None else MISSING
+        search = "–" if r.accuracy is None else "exhaustive" if r.exhaustive else "first fooling background"
+        cells = (Cell(r.model), Cell(r.label_space or "–"), text_cell(r.foregrounds), text_cell(r.vulnerable),
+                 challenge, clean, text_cell(r.backgrounds), Cell(search))
+        return (*cells, Cell(r.error or "–")) if errors else cells
+
+    refs = "; ".join(f"{name} {100 * acc:.1f}% (clean {100 * clean:.1f}%)" for name, acc, clean in reference)
+    caption = (f"The Backgrounds Challenge of {M.NOISE_OR_SIGNAL}, read from `challenge.csv`: {CHALLENGE_RULE}. "
+               "Challenge accuracy with its Wilson 95% interval, in the challenge's label space; clean accuracy is "
+               "this report's `accuracy` on `original` of the same model in that label space (– where it was not "
+               f"scored). Noise or Signal's reference (IN-9, their repository's README): {refs}.")
+    header = ("model", "label space", "foregrounds", "vulnerable", "challenge accuracy (%)", "clean accuracy (%)",
+              "backgrounds", "search", *(("error",) if errors else ()))
+    return Table("challenge", "Backgrounds Challenge", caption, header, [row(r) for r in results],
+                 empty="challenge.csv holds no model.")
+
+
 def _num(v: float | None, digits: int = 3) -> str:
     if v is None or not math.isfinite(v):
         return "–"
     return f"{v:.{digits}g}" if abs(v) >= 1e4 else f"{v:.{digits}f}"
+
+
+# The Backgrounds Challenge in words; its number comes from eval.challenge (challenge.csv), not from predictions,
+# so it is no METRICS row: the report reads it (eval/report/challenge.py) and this says what it is.
+CHALLENGE_RULE = ("every foreground (an `original` image's masked pixels) is pasted onto every background "
+                  "(`only_bg_t`); a foreground is **vulnerable** once any background makes the model misclassify "
+                  "it, and challenge accuracy is the share of foregrounds that no background fools")
+CHALLENGE_DEFINITION = (
+    "`challenge_accuracy`", "`original` (foregrounds, with masks) + `only_bg_t` (backgrounds), from `challenge.csv` "
+    "(`python -m eval.challenge`), in the label space of that run", "fraction",
+    "1 − vulnerable / foregrounds: " + CHALLENGE_RULE + "; `n` = foregrounds", M.WILSON, M.NOISE_OR_SIGNAL,
+)
 
 
 def metrics_reference() -> Table:
@@ -262,6 +301,7 @@ def metrics_reference() -> Table:
             reads += f" ({', '.join(m.label_spaces)} only)"
         rows.append(tuple(Cell(text, markup=True) for text in (f"`{m.name}`", reads, m.unit, m.formula,
                                                                 m.interval or "none", m.paper)))
+    rows.append(tuple(Cell(text, markup=True) for text in CHALLENGE_DEFINITION))
     return Table("definitions", "Metric definitions", "", ("metric", "variants it reads", "unit", "definition",
                                                            "95% interval", "paper"), rows)
 
@@ -307,6 +347,17 @@ class LabelSpaceSection:
 
 
 @dataclass
+class ChallengeSection:
+    """The Backgrounds Challenge: its table, its figure (or why there is none) and one line per thing not shown."""
+
+    table: Table
+    figures: list[FigureFile]
+    figures_skipped: list[str]
+    lines: list[str] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)  # report.md's lines about report.html's challenge images
+
+
+@dataclass
 class ReportDocument:
     """Everything report.md and report.html show, in order."""
 
@@ -318,3 +369,4 @@ class ReportDocument:
     notes: list[str]
     missing_spaces: list[str] = field(default_factory=list)
     gallery: list[str] = field(default_factory=list)  # report.md's lines about report.html's gallery
+    challenge: ChallengeSection | None = None  # only when the results folder holds challenge.csv

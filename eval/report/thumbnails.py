@@ -17,8 +17,8 @@ from __future__ import annotations
 import io
 import json
 import sys
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +28,8 @@ from PIL import Image
 from eval.report.gallery import PredictionStore, Thumbnail
 from eval.report.inputs import Notes
 from eval.resume import DONE_DIR  # the ledgers' folder; eval.resume loads neither torch nor webdataset
+from pipeline.shard_format.errors import StreamError
+from pipeline.shard_format.locate import ShardRef, load_manifest, resolve_shards, shard_refs
 from pipeline.shard_format.spec import MANIFEST_NAME
 from pipeline.shard_format.transport import is_pipe, is_remote
 from pipeline.variants import VARIANT_SPECS
@@ -77,8 +79,6 @@ def sources_from_specs(specs: Sequence[str]) -> list[ShardSource]:
 
 def _listed_names(manifest: str) -> set[str]:
     """The shard names a manifest lists; none when it cannot be read (its shards are then named by url)."""
-    from pipeline.shard_format.locate import load_manifest
-
     try:
         return {s.name for s in load_manifest(manifest).shards}
     except (ValueError, OSError):  # ShardSpecError is a ValueError
@@ -128,6 +128,10 @@ def sources_from_ledgers(results_dir: Path, models: Iterable[str]) -> tuple[list
     return sources, ""
 
 
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
 def read_order(sources: Sequence[ShardSource]) -> list[ShardSource]:
     """Mixed variants before original, so the photos their backgrounds came from are wanted in time."""
     return sorted(sources, key=lambda s: 0 if s.variant in VARIANT_SPECS and VARIANT_SPECS[s.variant].partner else 1)
@@ -156,7 +160,6 @@ class _Collector:
     def read(self, source: ShardSource) -> set[str]:
         """Read ``source`` until it can yield nothing more that is wanted; the variants it yielded."""
         from eval.stream import samples
-        from pipeline.shard_format.errors import StreamError
 
         seen: set[str] = set()
         try:
@@ -167,8 +170,7 @@ class _Collector:
                 if not self.pending(read_for):
                     break  # the rest of this source holds nothing we still want
         except (StreamError, ValueError, OSError) as exc:  # ShardSpecError is a ValueError
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            self.notes.add(f"gallery: shards {source.spec} not read ({message})")
+            self.notes.add(f"gallery: shards {source.spec} not read ({_first_line(exc)})")
         return seen
 
     def take(self, sample: Sample, spec: str) -> None:
@@ -220,3 +222,81 @@ def read_thumbnails(sources: Sequence[ShardSource], wanted: dict[str, set[str]],
         if "original" in holds.get(source, ()):
             collector.read(source)
     return collector.found
+
+
+# ---------------------------------------------------------------- shards a results file recorded, one by one
+
+
+@dataclass(frozen=True)
+class RecordedShard:
+    """A shard a results file says was read: its name, where from, and the sha256 of the bytes read then."""
+
+    name: str
+    url: str
+    sha256: str = ""
+
+
+class ShardFinder:
+    """Where to read a recorded shard now, verified: ``--shards`` first (the user says where the shards are),
+    else where it was read, through the manifest beside it when that lists it."""
+
+    def __init__(self, specs: Sequence[str] | None, notes: Notes) -> None:
+        self.given: dict[str, ShardRef] = {}
+        self._listed: dict[str, dict[str, ShardRef]] = {}  # manifest -> its shards by name, each read once
+        for spec in specs or ():
+            try:
+                refs = resolve_shards(spec)
+            except (ValueError, StreamError) as exc:  # ShardSpecError is a ValueError
+                notes.add(f"challenge gallery: --shards {spec} not usable ({_first_line(exc)})")
+                continue
+            for ref in refs:
+                self.given.setdefault(ref.name, ref)
+
+    def _beside(self, url: str) -> dict[str, ShardRef]:
+        manifest = _manifest_beside(url)
+        if manifest is None:
+            return {}
+        if manifest not in self._listed:
+            try:
+                self._listed[manifest] = {r.name: r for r in shard_refs(load_manifest(manifest), manifest)}
+            except (ValueError, OSError):  # ShardSpecError is a ValueError
+                self._listed[manifest] = {}
+        return self._listed[manifest]
+
+    def ref(self, shard: RecordedShard) -> ShardRef | str:
+        """The shard to read, or one line saying why it cannot be read."""
+        ref = self.given.get(shard.name)
+        if ref is None:
+            if is_pipe(shard.url):
+                return (f"shard {shard.name} was read from a command, which the report never runs from a results "
+                        "file: pass --shards")
+            ref = self._beside(shard.url).get(shard.name) or ShardRef(shard.url, shard.name)
+        if shard.sha256 and ref.sha256 is None:
+            ref = replace(ref, sha256=shard.sha256)  # checked as the shard streams, as a manifest's would be
+        elif shard.sha256 and ref.sha256 != shard.sha256:
+            return f"shard {shard.name} at {ref.url} is not the one that was read (its manifest gives another sha256)"
+        return ref
+
+
+def read_recorded(wanted: Mapping[ShardRef, set[str]], notes: Notes, masks: bool = False
+                  ) -> dict[tuple[str, str], Sample]:
+    """``(shard name, key) -> decoded sample`` for the wanted keys of each shard, read once each.
+
+    A shard's samples count only once it is read to its end and verified (as
+    :func:`eval.stream.samples` holds them); one that fails becomes a note.
+    """
+    from eval.stream import ReadOptions, ShardEnd, iter_shard
+
+    found: dict[tuple[str, str], Sample] = {}
+    options = ReadOptions(on_error="skip", decode_masks=masks)
+    for ref, keys in wanted.items():
+        held: list[Sample] = []
+        try:
+            for item in iter_shard(ref, options):
+                if isinstance(item, ShardEnd):
+                    found.update({(ref.name, s.key): s for s in held})
+                elif item.key in keys:
+                    held.append(item)
+        except (StreamError, ValueError, OSError) as exc:
+            notes.add(f"challenge gallery: shard {ref.name} ({ref.url}) not read ({_first_line(exc)})")
+    return found
