@@ -132,8 +132,13 @@ class Predictions:
         return cls(*(np.concatenate([getattr(p, c) for p in parts]) for c in _FIELDS))
 
 
+def model_dir(results: str | Path, model_id: str) -> Path:
+    """Where one model's predictions, ledgers and parts live under a results folder."""
+    return Path(results) / "predictions" / model_id
+
+
 def predictions_path(results: str | Path, model_id: str, variant: str) -> Path:
-    return Path(results) / "predictions" / model_id / f"{variant}.csv"
+    return model_dir(results, model_id) / f"{variant}.csv"
 
 
 def _in9_cell(value: int) -> str:
@@ -186,7 +191,7 @@ def list_predictions(results: str | Path) -> dict[str, dict[str, Path]]:
     root = Path(results) / "predictions"
     if not root.is_dir():
         return found
-    for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        for f in sorted(model_dir.glob("*.csv")):
-            found.setdefault(model_dir.name, {})[f.stem] = f
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        for f in sorted(folder.glob("*.csv")):
+            found.setdefault(folder.name, {})[f.stem] = f
     return found

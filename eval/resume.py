@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from eval.errors import EvalError
-from eval.predictions import Predictions, predictions_path, read_predictions, write_predictions
+from eval.predictions import Predictions, model_dir, predictions_path, read_predictions, write_predictions
 from pipeline.files import atomic_write_text
 from pipeline.shard_format import ShardRef
 from pipeline.shard_format.transport import is_pipe, is_remote
@@ -84,11 +84,11 @@ def fingerprint(ref: ShardRef) -> str | None:
 
 
 def part_path(out: Path, model_id: str, sid: str) -> Path:
-    return out / "predictions" / model_id / PARTS_DIR / f"{sid}.json"
+    return model_dir(out, model_id) / PARTS_DIR / f"{sid}.json"
 
 
 def done_path(out: Path, model_id: str, variant: str) -> Path:
-    return out / "predictions" / model_id / DONE_DIR / f"{variant}.json"
+    return model_dir(out, model_id) / DONE_DIR / f"{variant}.json"
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -110,7 +110,7 @@ def _has_shard_column(path: Path) -> bool:
 def load_ledgers(out: Path, model: Scored, *, other_settings: bool = False) -> dict[str, dict[str, Any]]:
     """``{variant: ledger}`` of the results in ``out`` made with this model's settings (or, with
     ``other_settings``, with other settings or by an older version: results a merge must not drop silently)."""
-    folder = out / "predictions" / model.id / DONE_DIR
+    folder = model_dir(out, model.id) / DONE_DIR
     ledgers: dict[str, dict[str, Any]] = {}
     if not folder.is_dir():
         return ledgers
@@ -126,7 +126,7 @@ def load_ledgers(out: Path, model: Scored, *, other_settings: bool = False) -> d
 
 def set_aside(out: Path, model_id: str, variant: str) -> Path:
     """Move a variant's results made with other settings out of the way (kept, never deleted)."""
-    folder = out / "predictions" / model_id / REPLACED_DIR
+    folder = model_dir(out, model_id) / REPLACED_DIR
     folder.mkdir(parents=True, exist_ok=True)
     n = 1 + sum(1 for _ in folder.glob(f"{variant}-*.csv"))
     kept = folder / f"{variant}-{n}.csv"
@@ -286,7 +286,7 @@ def merge_model(out: Path, model: Scored, refs: Sequence[ShardRef], limit: int |
                           json.dumps({"signature": model.signature, "shards": entries}, indent=1, sort_keys=True))
     for sid in parts:  # only once every variant is written: a kill before this merges them again
         part_path(out, model.id, sid).unlink(missing_ok=True)
-    parts_dir = out / "predictions" / model.id / PARTS_DIR
+    parts_dir = model_dir(out, model.id) / PARTS_DIR
     if parts_dir.is_dir() and not any(parts_dir.iterdir()):
         parts_dir.rmdir()
     return outcome

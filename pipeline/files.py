@@ -80,6 +80,16 @@ def read_regular_text(path: str | Path, encoding: str = "utf-8") -> str:
     return read_regular(path).decode(encoding)
 
 
+def temporary_path(path: str | Path) -> Path:
+    """The name a file is written under until it is complete (``.<name>.<pid>.tmp``, hidden, per process).
+
+    Every writer of the project uses it, so a rerun of the builder recognises
+    and removes what a killed run left half-written.
+    """
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write via a temporary name in the same folder, then rename: readers never see half a file.
 
@@ -88,7 +98,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_path(path)
     try:
         with open(tmp, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)

@@ -139,14 +139,15 @@ def _needs(data: dict[str, Outcomes], needed: tuple[str, ...], what: str, ctx: _
 
 
 def _bg_gap(data: dict[str, Outcomes], ctx: _Context) -> M.Estimate | None:
-    if not _needs(data, ("mixed_same", "mixed_rand"), "BG-Gap is", ctx):
+    needed = M.METRIC_BY_NAME["bg_gap"].reads()  # (mixed_same, mixed_rand): the order bg_gap takes them in
+    if not _needs(data, needed, "BG-Gap is", ctx):
         return None
-    _, (same, rand) = M.join_by_key(data["mixed_same"].column(), data["mixed_rand"].column())
+    _, (same, rand) = M.join_by_key(*(data[v].column() for v in needed))
     return M.bg_gap(same, rand, n_boot=ctx.n_boot, seed=ctx.seed)
 
 
 def _categories(data: dict[str, Outcomes], ctx: _Context) -> M.Categories | None:
-    needed = ("original", "mixed_rand", "only_bg_t")
+    needed = M.METRIC_BY_NAME["category_share"].reads()  # (original, mixed_rand, only_bg_t), in that order
     if not _needs(data, needed, "prediction categories are", ctx):
         return None
     _, aligned = M.join_by_key(*(data[v].column() for v in needed))

@@ -17,14 +17,13 @@ import numpy as np
 
 from eval.metrics import in9_background_labels
 from eval.predictions import Predictions, read_predictions
+from eval.scores_csv import SCORES_NAME
 from pipeline.classes import imagenet_classes, in9_names
 from pipeline.variants import VARIANTS
 
 LABEL_SPACES = ("in1k", "in9")
 NUM_CLASSES = {"in1k": 1000, "in9": 9}
 MAX_EXAMPLE_KEYS = 5
-# eval.score owns this name, but importing eval.score pulls in torch, which the report never needs.
-SCORES_NAME = "scores.csv"
 
 
 class ReportError(ValueError):

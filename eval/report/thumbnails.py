@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import braceexpand
 from PIL import Image
 
+from eval.predictions import model_dir
 from eval.report.gallery import PredictionStore, Thumbnail
 from eval.report.inputs import Notes
 from eval.resume import DONE_DIR  # the ledgers' folder; eval.resume loads neither torch nor webdataset
@@ -99,7 +100,7 @@ def sources_from_ledgers(results_dir: Path, models: Iterable[str]) -> tuple[list
     urls: dict[str, dict[str, str]] = {}  # variant -> url -> shard name
     ledgers = 0
     for model in sorted(models):
-        for path in sorted((results_dir / "predictions" / model / DONE_DIR).glob("*.json")):
+        for path in sorted((model_dir(results_dir, model) / DONE_DIR).glob("*.json")):
             try:
                 entries = json.loads(path.read_text(encoding="utf-8")).get("shards", {})
             except (OSError, ValueError, AttributeError):

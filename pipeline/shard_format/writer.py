@@ -17,6 +17,8 @@ from typing import IO, Any
 
 import webdataset
 
+from pipeline.files import temporary_path
+
 TAR_MTIME = 0
 TAR_MODE = 0o644
 
@@ -46,7 +48,7 @@ class ShardFile:
 
     def __init__(self, final: Path) -> None:
         self.final = Path(final)
-        self.tmp = self.final.with_name(f".{self.final.name}.{os.getpid()}.tmp")
+        self.tmp = temporary_path(self.final)
         self._fh = open(self.tmp, "wb")
         self._hashing = _HashingFile(self._fh)
         self._tar = webdataset.TarWriter(
