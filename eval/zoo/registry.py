@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -78,9 +79,25 @@ def _optional_str(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
+# A model id names folders of results (predictions/<id>/, challenge/<id>/): letters, digits, '_', '-' and
+# '.', starting with a letter or digit, never '..': a registry from elsewhere cannot point outside --out.
+MODEL_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def model_id_problem(model_id: object) -> str | None:
+    """Why ``model_id`` cannot be a model id (None when it can)."""
+    if not isinstance(model_id, str) or not MODEL_ID_PATTERN.fullmatch(model_id) or ".." in model_id:
+        return (f"model id {str(model_id)[:60]!r} must be 1-128 letters, digits, '_', '-' or '.', start with a "
+                "letter or digit and hold no '..' (it names a results folder)")
+    return None
+
+
 def spec_from_row(row: Mapping[str, Any]) -> ModelSpec:
     """Validate one JSON row; a bad registry should fail loudly at load time, not mid-run."""
     rid = row.get("id", "?")
+    problem = model_id_problem(rid)
+    if problem:
+        raise ValueError(f"registry row: {problem}")
     missing = [k for k in ROW_FIELDS if k not in row and k not in OPTIONAL_FIELDS]
     extra = [k for k in row if k not in ROW_FIELDS]
     if missing or extra:
@@ -163,6 +180,9 @@ def register_model(
     swap each other's models.
     """
     row = spec if isinstance(spec, ModelSpec) else spec_from_row(spec)
+    problem = model_id_problem(row.id)
+    if problem:
+        raise ValueError(problem)
     row = source_for(row).validate(row, None)
     if not replace and row.id in load_registry():
         raise ValueError(f"model id {row.id!r} is already in the registry (pass replace=True to override it)")
