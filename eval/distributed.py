@@ -9,8 +9,10 @@ each, never waiting at a barrier for a peer that is gone.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -81,3 +83,30 @@ def failed_anywhere(world: int, device: torch.device, models: Sequence[Any]) -> 
     flags = torch.tensor([1 if m.error else 0 for m in models], device=device if device.type == "cuda" else "cpu")
     torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
     return [m.id for m, flag in zip(models, flags.tolist(), strict=True) if flag]
+
+
+def run_command(run: Callable[[Any], Any], args: Any, results_file: Path) -> int:
+    """A scoring command's exit status: 0, 2 with one line for input that cannot be scored, 1 when a model failed.
+
+    ``run(args)`` returns stats with a ``failed`` list of model ids; their errors
+    are in ``results_file``. The process group, if any, is always torn down.
+    """
+    from eval import zoo
+    from pipeline.locks import FolderBusy
+    from pipeline.shard_format import ShardSpecError, StreamError
+
+    try:
+        stats = run(args)
+    except (EvalError, FolderBusy, ShardSpecError, StreamError, zoo.UnknownModel, zoo.WeightsUnavailable,
+            OSError) as exc:
+        sys.stderr.write(f"error: {one_line(exc)}\n")  # one write: under torchrun the ranks share stderr
+        sys.stderr.flush()
+        return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if stats.failed:
+        print(f"error: {len(stats.failed)} model(s) failed ({', '.join(stats.failed)}): see the error column of "
+              f"{results_file}", file=sys.stderr)
+        return 1
+    return 0

@@ -91,7 +91,8 @@ def done_path(out: Path, model_id: str, variant: str) -> Path:
     return model_dir(out, model_id) / DONE_DIR / f"{variant}.json"
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """A JSON object from a file, or None when it is missing, unreadable or not an object (a damaged record)."""
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -115,7 +116,7 @@ def load_ledgers(out: Path, model: Scored, *, other_settings: bool = False) -> d
     if not folder.is_dir():
         return ledgers
     for path in sorted(folder.glob("*.json")):
-        ledger = _read_json(path)
+        ledger = read_json_object(path)
         usable = (bool(ledger) and ledger.get("signature") == model.signature  # type: ignore[union-attr]
                   and isinstance(ledger.get("shards"), dict)  # type: ignore[union-attr]
                   and _has_shard_column(predictions_path(out, model.id, path.stem)))
@@ -144,7 +145,7 @@ def _current(entry: dict[str, Any], ref: ShardRef) -> bool:
 
 
 def load_part(out: Path, model: Scored, ref: ShardRef) -> dict[str, Any] | None:
-    part = _read_json(part_path(out, model.id, shard_id(ref)))
+    part = read_json_object(part_path(out, model.id, shard_id(ref)))
     if not part or part.get("signature") != model.signature or not _current(part, ref):
         return None
     return part
@@ -317,4 +318,4 @@ def check_exactly_once(
 
 
 def read_ledger(out: Path, model_id: str, variant: str) -> dict[str, Any]:
-    return _read_json(done_path(out, model_id, variant)) or {"shards": {}}
+    return read_json_object(done_path(out, model_id, variant)) or {"shards": {}}

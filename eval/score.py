@@ -37,14 +37,14 @@ from eval.device import (
     build_models,
     score_batch,
 )
-from eval.distributed import failed_anywhere, init_distributed, one_line, same_models, together
+from eval.distributed import failed_anywhere, init_distributed, run_command, same_models, together
 from eval.errors import EvalError
 from eval.resume import PendingWork, merge_model, pending_work, shard_id, write_part
 from eval.scores_csv import SCORES_NAME, error_row, print_summary, score_row, write_scores
 from eval.stream import Batch, ReadOptions, StreamError, images_to_device, make_loader
 from pipeline.cli import OneLineParser, show_progress
-from pipeline.locks import FolderBusy, exclusive
-from pipeline.shard_format import MANIFEST_NAME, ShardRef, ShardSpecError, resolve_shards, unverified
+from pipeline.locks import exclusive
+from pipeline.shard_format import MANIFEST_NAME, ShardRef, resolve_shards, unverified
 from pipeline.shard_format.transport import TransferPolicy
 
 DEFAULT_SHARDS_GLOB = "shards/*/"
@@ -291,23 +291,7 @@ def run(args: argparse.Namespace) -> RunStats:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from eval import zoo
-
-    try:
-        stats = run(args)
-    except (EvalError, FolderBusy, ShardSpecError, StreamError, zoo.UnknownModel, zoo.WeightsUnavailable,
-            OSError) as exc:
-        sys.stderr.write(f"error: {one_line(exc)}\n")  # one write: under torchrun the ranks share stderr
-        sys.stderr.flush()
-        return 2
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    if stats.failed:
-        print(f"error: {len(stats.failed)} model(s) failed ({', '.join(stats.failed)}): see the error column of "
-              f"{Path(args.out) / SCORES_NAME}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(run, args, Path(args.out) / SCORES_NAME)
 
 
 if __name__ == "__main__":

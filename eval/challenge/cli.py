@@ -27,17 +27,17 @@ from webdataset.shardlists import split_by_node
 from eval.challenge import results
 from eval.challenge.search import NOT_FOOLED, Predict, SearchResult, search
 from eval.device import PRECISIONS, In9Mapper, ModelFailed, ScoredModel, build_models, score_batch
-from eval.distributed import failed_anywhere, init_distributed, one_line, same_models, together
+from eval.distributed import failed_anywhere, init_distributed, run_command, same_models, together
 from eval.errors import EvalError
 from eval.predictions import IN9_NOT_COMPUTED
 from eval.stream import ReadOptions, Sample, ShardEnd, StreamError, iter_shard
 from pipeline.cli import OneLineParser, show_progress
-from pipeline.locks import FolderBusy, exclusive
-from pipeline.shard_format import ShardRef, ShardSpecError, resolve_shards, unverified
+from pipeline.locks import exclusive
+from pipeline.shard_format import ShardRef, resolve_shards, unverified
 from pipeline.shard_format.transport import TransferPolicy
 
-DEFAULT_FOREGROUNDS = "shards/original"
-DEFAULT_BACKGROUNDS = "shards/only_bg_t"
+DEFAULT_FOREGROUNDS = f"shards/{results.FOREGROUND_VARIANT}"
+DEFAULT_BACKGROUNDS = f"shards/{results.BACKGROUND_VARIANT}"
 BUILD_HINT = ("build the foreground variant with masks: python -m builders.make_shards --recipe imagenet9 "
               "--variant original --variant only_bg_t --with-masks ...")
 
@@ -143,7 +143,7 @@ def load_foregrounds(ref: ShardRef, policy: TransferPolicy, size: tuple[int, int
     if tuple(masks.shape[-2:]) != tuple(pixels.shape[-2:]):
         raise EvalError(f"foreground shard {ref.name}: masks and images differ in size")
     return Images(pixels.to(device), [s.key for s in samples], np.asarray([s.label for s in samples]),
-                  np.asarray([s.in9_label for s in samples]), (masks > 127).to(device), end.sha256,
+                  np.asarray([s.in9_label for s in samples]), (masks > results.MASK_THRESHOLD).to(device), end.sha256,
                   n_read - len(samples))
 
 
@@ -401,23 +401,7 @@ def run(args: argparse.Namespace) -> ChallengeStats:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from eval import zoo
-
-    try:
-        stats = run(args)
-    except (EvalError, FolderBusy, ShardSpecError, StreamError, zoo.UnknownModel, zoo.WeightsUnavailable,
-            OSError) as exc:
-        sys.stderr.write(f"error: {one_line(exc)}\n")
-        sys.stderr.flush()
-        return 2
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    if stats.failed:
-        print(f"error: {len(stats.failed)} model(s) failed ({', '.join(stats.failed)}): see the error column of "
-              f"{Path(args.out) / results.SUMMARY_NAME}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(run, args, Path(args.out) / results.SUMMARY_NAME)
 
 
 __all__ = ["ChallengeStats", "build_parser", "load_backgrounds", "main", "run"]

@@ -36,7 +36,7 @@ import numpy as np
 
 from eval.errors import EvalError
 from eval.metrics import wilson_interval
-from eval.resume import Scored, fingerprint, shard_id
+from eval.resume import REPLACED_DIR, Scored, fingerprint, read_json_object, shard_id
 from pipeline.classes import imagenet_classes, in9_names
 from pipeline.files import atomic_write_text
 from pipeline.shard_format import ShardRef
@@ -49,7 +49,9 @@ FOREGROUND_SHARDS_NAME = "foreground_shards.json"
 BACKGROUNDS_NAME = "backgrounds.csv"
 STRONGEST_NAME = "strongest.csv"
 PARTS_DIR = "parts"
-REPLACED_DIR = ".replaced"
+FOREGROUND_VARIANT = "original"  # what the challenge pastes (built --with-masks) ...
+BACKGROUND_VARIANT = "only_bg_t"  # ... onto these
+MASK_THRESHOLD = 127  # a mask PNG pixel above this is foreground (the builder writes 0 and 255)
 STRONGEST_PER_CLASS = 5
 
 FOREGROUND_COLUMNS = ("key", "label", "in9_label", "vulnerable", "tried", "fooled_by", "fooled_by_label",
@@ -115,17 +117,9 @@ def part_path(out: Path, model_id: str, ref: ShardRef) -> Path:
     return challenge_dir(out) / model_id / PARTS_DIR / f"{shard_id(ref)}.json"
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
 def load_part(out: Path, model: Scored, ref: ShardRef) -> dict[str, Any] | None:
     """The part of (model, shard) if it was made with the model's settings from the shard's current bytes."""
-    part = _read_json(part_path(out, model.id, ref))
+    part = read_json_object(part_path(out, model.id, ref))
     if not part or part.get("signature") != model.signature:
         return None
     now = fingerprint(ref)
@@ -147,7 +141,7 @@ def write_part(out: Path, model: Scored, ref: ShardRef, rows: list[list[Any]], *
     """Commit one searched (model, foreground shard); returns where a part made with other settings was moved."""
     path = part_path(out, model.id, ref)
     moved = None
-    old = _read_json(path)
+    old = read_json_object(path)
     if old is not None and old.get("signature") != model.signature:
         folder = challenge_dir(out) / model.id / REPLACED_DIR
         folder.mkdir(parents=True, exist_ok=True)

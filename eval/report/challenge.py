@@ -37,11 +37,10 @@ if TYPE_CHECKING:
     from eval.stream import Sample
     from pipeline.shard_format.locate import ShardRef
 
-CHALLENGE_VARIANTS = ("original", "only_bg_t")  # foregrounds (with masks) and the backgrounds they are pasted on
+CHALLENGE_VARIANTS = (R.FOREGROUND_VARIANT, R.BACKGROUND_VARIANT)  # foregrounds (with masks), their backgrounds
 # Noise or Signal's leaderboard (README of github.com/MadryLab/backgrounds_challenge), IN-9:
 # (model, challenge accuracy, clean accuracy on IN-9).
 NOS_REFERENCE = (("ResNet-50", 0.223, 0.956), ("ResNet-50 (IN-9L)", 0.120, 0.964))
-MASK_THRESHOLD = 127  # a mask pixel above this is foreground, as eval.challenge.cli.load_foregrounds reads masks
 STRONGEST_CLASSES = 12  # rows of strongest backgrounds per model: all nine IN-9 classes, or the 12 strongest in1k
 STRONGEST_SHOWN = 3  # backgrounds per class row (strongest.csv keeps up to 5)
 MAX_SHARDS = 8  # shards read for the challenge's images, whatever the number of models
@@ -269,7 +268,7 @@ def composite_image(foreground: torch.Tensor, mask: torch.Tensor, background: to
     from eval.challenge.search import composite
 
     first = torch.zeros(1, dtype=torch.int64)
-    return composite(foreground[None], (mask > MASK_THRESHOLD)[None, None], background[None], first, first)[0]
+    return composite(foreground[None], (mask > R.MASK_THRESHOLD)[None, None], background[None], first, first)[0]
 
 
 def _image(image: torch.Tensor | None, alt: str, label: str, lines: Sequence[CaptionLine], context: bool = False,

@@ -39,8 +39,8 @@ from pipeline.variants import VARIANT_SPECS
 GALLERY_SIZE = 6  # rows per section: ~30 rows x up to 9 variants stays a few hundred thumbnails
 GALLERY_SEED = 0
 # The four categories a picture explains; BG Irrelevant (O = M) is the unremarkable rest.
-GALLERY_CATEGORIES = ("bg_required", "bg_fools", "bg_fg_required", "bg_fg_fools")
-CATEGORY_VARIANTS = ("original", "mixed_rand", "only_bg_t")  # O, M, B as eval.metrics reads them
+GALLERY_CATEGORIES = tuple(c for c in M.CATEGORIES if c != "bg_irrelevant")  # the four that involve the background
+CATEGORY_VARIANTS = M.METRIC_BY_NAME["category_share"].reads()  # O, M, B as eval.metrics reads them
 
 
 # ---------------------------------------------------------------- compact predictions

@@ -62,9 +62,10 @@ def class_names(label_space: str) -> tuple[str, ...]:
 
 
 def models_json_path() -> Path:
-    from data_manifests import data_file
+    """The zoo's own registry file (the report reads its params and training-set sizes)."""
+    from eval.zoo.registry import REGISTRY_FILE
 
-    return data_file("models.json")
+    return Path(REGISTRY_FILE)
 
 
 def load_model_metadata(path: Path, notes: Notes) -> dict[str, dict]:
