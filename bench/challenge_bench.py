@@ -35,6 +35,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,8 +126,9 @@ class AlwaysOneSuperclass(torch.nn.Module):
         return self.network(x).float() * SCALE + self.bias
 
 
-def register_biased(base_id: str) -> str:
-    """Register ``<base>_one_superclass`` (the base architecture, random weights, biased head); return its id."""
+@contextlib.contextmanager
+def biased_model(base_id: str) -> Iterator[str]:
+    """``<base>_one_superclass`` (the base architecture, random weights, biased head) registered for the block."""
     from eval import zoo
 
     base = zoo.resolve_models(base_id)[0]
@@ -135,8 +137,8 @@ def register_biased(base_id: str) -> str:
     def build(spec_: Any, *, pretrained: bool, weights_dir: Path | None) -> torch.nn.Module:
         return AlwaysOneSuperclass(zoo.build_model(base, pretrained=False), ROBUST_SUPERCLASS)
 
-    zoo.register_model(spec, build, replace=True)
-    return spec.id
+    with zoo.registered(spec, factory=build, replace=True):
+        yield spec.id
 
 
 # ---------------------------------------------------------------- ours
@@ -274,8 +276,7 @@ def run_bench(n_foregrounds: int, n_backgrounds: int, size: int, model: str, bat
 
     if threads:
         torch.set_num_threads(threads)
-    model_id = register_biased(model)
-    with tempfile.TemporaryDirectory(prefix="bgcheck-challenge-bench-") as tmp:
+    with biased_model(model) as model_id, tempfile.TemporaryDirectory(prefix="bgcheck-challenge-bench-") as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
         shards = write_challenge_shards(root / "shards", n_foregrounds, n_backgrounds, size)

@@ -158,28 +158,28 @@ def challenge_run(root: Path, n: int, device: torch.device, precision: str, batc
     t0 = time.perf_counter()
     shards = cb.write_challenge_shards(root / "challenge", n, n, 224)
     write_s = time.perf_counter() - t0
-    model_id = cb.register_biased("resnet50")
-    ours = cb.run_ours(shards, model_id, root / "challenge-results", device.type, precision, batch, channels_last=True)
-    summary: dict[str, Any] = {
-        "foregrounds": n, "backgrounds": n, "model": model_id, "precision": precision, "batch_size": batch,
-        "synthetic_shards_write_s": round(write_s, 2),
-        "challenge_accuracy": ours["challenge_accuracy"],
-        "composites": ours["composites"],
-        "ours_wall_s": round(ours["wall_s"], 2),
-        "ours_composites_per_s": round(ours["composites"] / ours["search_s"], 1),
-        "goal_wall_s": 600, "goal_met": ours["wall_s"] < 600,
-    }
-    if their_foregrounds > 0:
-        k = min(n, their_foregrounds)
-        layout = cb.export_their_layout(shards, root / "theirs")
-        layout["foregrounds"] = layout["foregrounds"][:k]  # classes come in turn: the first k have the same mix
-        built = build_models(model_id, device, random_weights=True, precision=precision)[0]
-        with torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32"):
-            theirs = cb.run_theirs(layout, built.module, built.mean, built.std, device, workers)
-        summary["theirs_foregrounds_timed"] = k
-        summary["theirs_projected_wall_s"] = round(theirs["wall_s"] * n / k, 1)
-        summary["speedup_projected"] = round(theirs["wall_s"] * n / k / ours["wall_s"], 2)
-    return summary
+    with cb.biased_model("resnet50") as model_id:  # registered for this run only
+        ours = cb.run_ours(shards, model_id, root / "challenge-results", device.type, precision, batch, channels_last=True)
+        summary: dict[str, Any] = {
+            "foregrounds": n, "backgrounds": n, "model": model_id, "precision": precision, "batch_size": batch,
+            "synthetic_shards_write_s": round(write_s, 2),
+            "challenge_accuracy": ours["challenge_accuracy"],
+            "composites": ours["composites"],
+            "ours_wall_s": round(ours["wall_s"], 2),
+            "ours_composites_per_s": round(ours["composites"] / ours["search_s"], 1),
+            "goal_wall_s": 600, "goal_met": ours["wall_s"] < 600,
+        }
+        if their_foregrounds > 0:
+            k = min(n, their_foregrounds)
+            layout = cb.export_their_layout(shards, root / "theirs")
+            layout["foregrounds"] = layout["foregrounds"][:k]  # classes come in turn: the first k have the same mix
+            built = build_models(model_id, device, random_weights=True, precision=precision)[0]
+            with torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32"):
+                theirs = cb.run_theirs(layout, built.module, built.mean, built.std, device, workers)
+            summary["theirs_foregrounds_timed"] = k
+            summary["theirs_projected_wall_s"] = round(theirs["wall_s"] * n / k, 1)
+            summary["speedup_projected"] = round(theirs["wall_s"] * n / k / ours["wall_s"], 2)
+        return summary
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,9 +11,11 @@ import json
 import math
 
 from bench import challenge_bench, gpu_eval
+from eval import zoo
 
 
 def test_challenge_bench_ours_and_theirs_agree(tmp_path):
+    before = list(zoo.load_registry())
     results = json.loads(json.dumps(challenge_bench.run_bench(10, 10, 64, challenge_bench.SMALL_MODEL, 32, 0)))
     assert results["same_vulnerable_foregrounds"] is True
     for side in ("ours", "theirs"):
@@ -24,6 +26,7 @@ def test_challenge_bench_ours_and_theirs_agree(tmp_path):
     # they stop at the end of a batch of 32 (here: after all 10 backgrounds), we at the composite that fools
     assert results["theirs"]["composites"] == 100 and results["ours"]["composites"] < 100
     assert results["their_composites_over_ours"] > 1 and isinstance(results["target"]["pass"], bool)
+    assert list(zoo.load_registry()) == before  # the biased model was registered for the run only
 
 
 def test_gpu_eval_quick_runs_the_challenge_on_the_cpu():
@@ -31,6 +34,7 @@ def test_gpu_eval_quick_runs_the_challenge_on_the_cpu():
     with contextlib.redirect_stdout(out):
         assert gpu_eval.main(["--quick", "--no-sweep", "--device", "cpu"]) == 0
     summary = json.loads(out.getvalue())
+    assert not any(model_id.endswith("_one_superclass") for model_id in zoo.load_registry())
     challenge = summary["challenge"]
     assert challenge["foregrounds"] == challenge["backgrounds"] == 10
     assert challenge["challenge_accuracy"] == 20.0 and challenge["composites"] > 0
