@@ -19,7 +19,8 @@ SOURCES = tuple(READERS)  # the source kinds, in --help order: pipeline.sources.
 RECIPES_DIR = data_file("recipes")
 
 # Fields that never change a shard's bytes: where it goes and how it is scheduled.
-_RUNTIME_FIELDS = {"variants", "out", "workers", "backend", "scheduler", "recipe"}
+_RUNTIME_FIELDS = {"variants", "out", "workers", "backend", "scheduler", "recipe", "partner_cache_limit"}
+DEFAULT_PARTNER_CACHE_GB = 16.0
 
 
 class ConfigError(ValueError):
@@ -55,6 +56,7 @@ class BuildConfig:
     backend: str = "loky"
     scheduler: str | None = None
     recipe: str | None = None
+    partner_cache_limit: float = DEFAULT_PARTNER_CACHE_GB  # GB (10^9 bytes) under <out>/.partner-cache; 0 = off
 
     def validate(self) -> BuildConfig:
         unknown = [v for v in self.variants if v not in VARIANTS]
@@ -94,6 +96,8 @@ class BuildConfig:
             raise ConfigError(f"--out {self.out} is a file, not a folder")
         if self.workers < 1:
             raise ConfigError("--workers must be at least 1")
+        if not self.partner_cache_limit >= 0:  # also refuses NaN
+            raise ConfigError("--partner-cache-limit must be a number of GB >= 0 (0 = off)")
         for name in ("images", "annotations", "textures", "category_map"):
             value = getattr(self, name)
             if value and "://" not in value and not Path(value).exists():

@@ -14,10 +14,12 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import astuple, fields, replace
 from pathlib import Path
 
 import builders.version
+from builders import partner_cache
 from builders.config import BuildConfig, ConfigError, list_recipes, load_recipe
 from builders.jobs import run_jobs
 from builders.plan import Plan, annotation_hash, make_plan, probe_batch
@@ -84,6 +86,11 @@ def build_parser() -> OneLineParser:
     p.add_argument("--format", choices=list(IMAGE_CODECS), help="image encoding (default jpg)")
     p.add_argument("--quality", type=int, help="JPEG/WebP quality (default 95)")
     p.add_argument("--with-masks", action="store_true", default=None, help="also store <key>.mask.png")
+    p.add_argument("--partner-cache-limit", type=float, metavar="GB",
+                   help="disk the mixed variants may use for framed sources under <out>/.partner-cache, so each "
+                   "source is decoded once per build (default 16; 0 = off; removed when the build ends; with "
+                   "--backend dask every worker must see --out, as it must anyway); a larger cache, or one the "
+                   "disk has no room for, falls back to decoding partners again in each shard")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -165,16 +172,23 @@ def versions() -> dict:
     return out
 
 
-def build(config: BuildConfig, progress: bool = True) -> dict[str, Manifest]:
-    """Plan, build missing shards, write manifests; one build at a time per ``--out``."""
+def note_on_stderr(message: str) -> None:
+    print(f"make_shards: {message}", file=sys.stderr, flush=True)
+
+
+def build(config: BuildConfig, progress: bool = True,
+          note: Callable[[str], None] = note_on_stderr) -> dict[str, Manifest]:
+    """Plan, build missing shards, write manifests; one build at a time per ``--out``.
+
+    ``note`` receives the one-line remarks a build makes on the way (the
+    partner cache's size, or why it is off).
+    """
     out = Path(config.out)
     with exclusive(out, "build"):
-        return _build_locked(config, out, progress)
+        return _build_locked(config, out, progress, note)
 
 
-def _build_locked(config: BuildConfig, out: Path, progress: bool) -> dict[str, Manifest]:
-    import joblib
-
+def _build_locked(config: BuildConfig, out: Path, progress: bool, note: Callable[[str], None]) -> dict[str, Manifest]:
     items = read_inputs(config)
     if not items:
         raise ConfigError("no input images found")
@@ -197,9 +211,12 @@ def _build_locked(config: BuildConfig, out: Path, progress: bool) -> dict[str, M
         if missing:
             todo.append((index, missing))
     _clear_stale(out, config, len(chunks))
+    partner_cache.clear_temporary(out)
 
-    calls = []
-    for index, variants in todo:
+    def call(index: int, variants: list[str], cache_hash: str | None = None,
+             read_from: partner_cache.CachePlan | None = None):  # a joblib delayed call
+        import joblib
+
         chunk = chunks[index]
         keys = {r.key for r in chunk}
         assignments = {v: {k: a for k, a in plan.assignments[v].items() if k in keys} for v in variants}
@@ -207,17 +224,25 @@ def _build_locked(config: BuildConfig, out: Path, progress: bool) -> dict[str, M
             a.bg_key: plan.partners[a.bg_key] for per in assignments.values() for a in per.values() if a.bg_key
         }
         chunk_dropped = {v: dropped[v] & keys for v in variants}
-        calls.append(
-            joblib.delayed(build_chunk)(
-                index, chunk, variants, config, assignments, chunk_dropped, partners,
-                {v: hashes[(v, index)] for v in variants},
-            )
+        loader = read_from.loader(config, [*keys, *partners]) if read_from is not None else None
+        return joblib.delayed(build_chunk)(
+            index, chunk, variants, config, assignments, chunk_dropped, partners,
+            {v: hashes[(v, index)] for v in variants}, cache_hash=cache_hash, cached=loader,
         )
-    if calls:
-        built = run_jobs(config, calls, [len(chunks[i]) for i, _ in todo], "build", progress)
-        for (index, _), results in zip(todo, built, strict=True):
+
+    cache = partner_cache.plan_cache(config, plan, chunks, todo, out, note)
+    if cache is None:
+        passes = [[(index, variants, call(index, variants)) for index, variants in todo]]
+    else:
+        passes = [cache.first_pass(todo, call), cache.second_pass(todo, call)]
+    for name, jobs in zip(("build", "mixed"), passes, strict=False):
+        if not jobs:
+            continue
+        built = run_jobs(config, [c for _, _, c in jobs], [len(chunks[i]) for i, _, _ in jobs], name, progress)
+        for (index, _, _), results in zip(jobs, built, strict=True):
             for res in results:
                 done[(res.variant, index)] = res
+    partner_cache.remove(out)  # every shard is complete: nothing will read it again
     manifests = {}
     for v in config.variants:
         shards = [done[(v, i)] for i in range(len(chunks))]

@@ -119,7 +119,7 @@ def test_two_workers_build_byte_identical_shards_and_manifests(tree, reference, 
 
 
 @pytest.mark.timeout(240)
-def test_dask_cluster_builds_the_same_bytes(tree, reference, tmp_path):
+def test_dask_cluster_builds_the_same_bytes(tree, reference, tmp_path, capsys):
     distributed = pytest.importorskip("distributed")
     ref_out, _ = reference
     chosen = ("original", "mixed_rand", "texture")
@@ -127,6 +127,9 @@ def test_dask_cluster_builds_the_same_bytes(tree, reference, tmp_path):
                                   dashboard_address=None) as cluster:
         run_build(tree, tmp_path, "--variant", ",".join(chosen), "--backend", "dask",
                   "--scheduler", cluster.scheduler_address)
+    # the mixed shards were built from the partner cache the Dask workers wrote and read under --out
+    assert "make_shards: partner cache: 17 sources" in capsys.readouterr().err
+    assert not (tmp_path / ".partner-cache").exists()
     ref_files, files = output_files(ref_out, chosen), output_files(tmp_path)
     assert sorted(files) == sorted(ref_files)
     for name in ref_files:
@@ -153,22 +156,34 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def test_killed_build_resumes_to_identical_shards(tree, reference, tmp_path):
+@pytest.mark.parametrize("cache, expected", [
+    # without the partner cache a chunk builds both variants together: chunk 0 completes for both,
+    # chunk 1 for 'original' only; then SIGKILL mid-chunk
+    ("0", ["mixed_rand/mixed_rand-000000.tar", "original/original-000000.tar", "original/original-000001.tar"]),
+    # with it, the first pass builds 'original' (and fills the cache) chunk by chunk, mixed_rand comes after
+    ("16", ["original/original-000000.tar", "original/original-000001.tar", "original/original-000002.tar"]),
+])
+def test_killed_build_resumes_to_identical_shards(tree, reference, tmp_path, cache, expected):
     ref_out, _ = reference
     out = tmp_path / "out"
-    args = [*source_args(tree), "--out", str(out), *FRAME, "--variant", "original,mixed_rand", "--workers", "1"]
+    args = [*source_args(tree), "--out", str(out), *FRAME, "--variant", "original,mixed_rand", "--workers", "1",
+            "--partner-cache-limit", cache]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    # Chunk 0 completes for both variants, chunk 1 for 'original' only; then SIGKILL mid-chunk.
     killed = subprocess.run([sys.executable, "-c", KILL_AFTER_COMPLETIONS, "3", *args], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     finals = sorted(p.relative_to(out).as_posix() for p in out.glob("*/*.tar"))
-    assert finals == ["mixed_rand/mixed_rand-000000.tar", "original/original-000000.tar",
-                      "original/original-000001.tar"]
+    assert finals == expected
     for name in finals:  # nothing partial under a final name
         assert (out / name).read_bytes() == (ref_out / name).read_bytes(), name
-    leftovers = [p.name for p in out.glob("*/*") if p.is_file() and p.suffix != ".tar"]
-    assert leftovers and all(n.startswith(".") and n.endswith(".tmp") for n in leftovers), leftovers
+    leftovers = [p for p in out.glob("*/*") if p.is_file() and p.suffix != ".tar"]
+    temporary = [p for p in leftovers if p.name.startswith(".") and p.name.endswith(".tmp")]
+    assert temporary, leftovers  # killed mid-write: the partial file carries a temporary name
+    # what else is left is the cache of the chunks whose first pass completed (chunks 0 and 1)
+    cached = sorted(p.name for p in leftovers if p not in temporary and p.parent.name == ".partner-cache")
+    assert cached == ([] if cache == "0" else
+                      ["chunk-000000.bin", "chunk-000000.json", "chunk-000001.bin", "chunk-000001.json"])
+    assert len(leftovers) == len(temporary) + len(cached), leftovers
     assert not list(out.glob("*/manifest.json"))
     before = {name: ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) for name in finals}
 
@@ -177,6 +192,7 @@ def test_killed_build_resumes_to_identical_shards(tree, reference, tmp_path):
     for name, stamp in before.items():  # skipped, not rewritten
         assert ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) == stamp, name
     assert not [p for p in out.glob("*/.*.tmp")]
+    assert not (out / ".partner-cache").exists()
     ref_files = output_files(ref_out, ("original", "mixed_rand"))
     files = output_files(out)
     assert sorted(files) == sorted(ref_files)

@@ -2,8 +2,9 @@
 
 Nothing may be lost silently: every input is either built (readable odd
 files converted to the right pixels) or listed in ``rejected.jsonl`` and the
-manifest with a precise reason. A build killed at any point leaves no partial
-file under a final name and resumes to the bytes of an uninterrupted build.
+manifest with a precise reason. A build killed at any point (also while it
+fills the partner cache) leaves no partial file under a final name, nothing
+a rerun trusts wrongly, and resumes to the bytes of an uninterrupted build.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from PIL import Image, ImageOps
 
 from builders.config import ConfigError
 from builders.make_shards import build, main, parse_args
+from builders.partner_cache import CACHE_DIR
 from builders.verify import verify
 from pipeline.shard_format import MANIFEST_NAME, REJECTED_NAME
 from tests.bad_inputs import (
@@ -45,13 +47,16 @@ FRAME = ["--size", "32", "--resize", "40", "--shard-size", "4", "--no-progress"]
 CENTRE, CORNER, LEFT = (16, 16), (1, 1), (1, 16)
 
 # Imported at start-up by the killed build and by each of its worker processes (PYTHONPATH):
-# counts tar members written or completed shards in a shared file and SIGKILLs the whole
-# process group at the N-th, so workers and their parent die together like a killed job.
+# counts tar members written, completed shards, published partner-cache chunks ("cache") or
+# cache data files renamed into place but not yet vouched for by their marker ("marker") in a
+# shared file and SIGKILLs the whole process group at the N-th, so workers and their parent
+# die together like a killed job.
 KILL_HOOK = '''
 import os
 _spec = os.environ.get("BGCHECK_TEST_KILL")
 if _spec:
     import signal
+    import builders.partner_cache as _cache
     import builders.shards as _shards
 
     _what, _limit, _counter = _spec.split(":", 2)
@@ -72,6 +77,22 @@ if _spec:
             return _add(self, tarinfo, fileobj)
 
         tarfile.TarFile.addfile = add
+    elif _what == "cache":
+        _publish = _shards.publish_cache
+
+        def publish_cache(cache):
+            _publish(cache)
+            _tick()
+
+        _shards.publish_cache = publish_cache
+    elif _what == "marker":
+        _write_marker = _cache.atomic_write_text
+
+        def atomic_write_text(path, text):
+            _tick()
+            return _write_marker(path, text)
+
+        _cache.atomic_write_text = atomic_write_text
     else:
         _record = _shards.write_completion
 
@@ -95,26 +116,43 @@ def cli(args: list[str], env_extra: dict | None = None, new_session: bool = Fals
 
 
 def published(out: Path) -> dict[str, bytes]:
-    """Every file a user sees (shards, manifests, rejected lists) by relative path; hidden files excluded."""
+    """Every file a user sees (shards, manifests, rejected lists) by relative path; hidden files and folders excluded."""
     return {p.relative_to(out).as_posix(): p.read_bytes()
-            for p in sorted(out.glob("*/*")) if p.is_file() and not p.name.startswith(".")}
+            for p in sorted(out.glob("*/*")) if p.is_file() and not any(part.startswith(".")
+                                                                        for part in p.relative_to(out).parts)}
 
 
-def shard_members(reference: Path) -> list[int]:
-    """Tar members per chunk, all variants together, in build order (one worker)."""
-    per_chunk: list[int] = []
+def write_groups(reference: Path, cached: bool) -> list[tuple[list[str], int]]:
+    """The shards one worker writes together, in build order, with their tar members: (shard names, members).
+
+    Without the partner cache a chunk's shards of every variant are written
+    together, chunk by chunk; with it, the first pass writes every chunk's
+    ``original`` shard, then the second every ``mixed_rand`` shard.
+    """
+    members = {}
     for variant in VARIANTS:
-        for i, shard in enumerate(sorted((reference / variant).glob("*.tar"))):
+        for shard in sorted((reference / variant).glob("*.tar")):
             with tarfile.open(shard) as tar:
-                n = len(tar.getmembers())
-            if i == len(per_chunk):
-                per_chunk.append(0)
-            per_chunk[i] += n
-    return per_chunk
+                members[f"{variant}/{shard.name}"] = len(tar.getmembers())
+    n_chunks = len(members) // len(VARIANTS)
+    names = [[f"{v}/{v}-{i:06d}.tar" for v in VARIANTS] for i in range(n_chunks)]
+    if cached:
+        names = [[f"{v}/{v}-{i:06d}.tar"] for v in VARIANTS for i in range(n_chunks)]
+    return [(group, sum(members[n] for n in group)) for group in names]
 
 
-def first_chunk_members(reference: Path) -> int:
-    return shard_members(reference)[0]
+def finished_after(reference: Path, cached: bool, n_members: int) -> list[str]:
+    """The shards complete once one worker has written ``n_members`` tar members and no more."""
+    done, written = [], 0
+    for group, members in write_groups(reference, cached):
+        written += members
+        if written > n_members:
+            break
+        done.extend(group)
+    return sorted(done)
+
+
+CACHE_ON, CACHE_OFF = "16", "0"  # --partner-cache-limit: the default (GB), off
 
 
 def pixels(data: bytes) -> np.ndarray:
@@ -258,28 +296,44 @@ def test_decompression_bomb_limit_is_enforced_before_decoding(corpus, tmp_path, 
 # --------------------------------------------------------------------------- SIGKILL and resume
 
 
+def kill_build(tmp_path: Path, args: list[str], what: str, limit: int) -> subprocess.CompletedProcess:
+    hook = tmp_path / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(KILL_HOOK)
+    counter = tmp_path / "counter"
+    counter.unlink(missing_ok=True)
+    killed = cli(args, {"PYTHONPATH": f"{ROOT}{os.pathsep}{hook}", "BGCHECK_TEST_KILL": f"{what}:{limit}:{counter}"},
+                 new_session=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    return killed
+
+
 @pytest.mark.parametrize(
-    "workers, what, limit",
+    "workers, what, limit, cache",
     [
-        ("1", "add", 1),  # killed while writing the very first member: nothing finished
-        ("1", "completion", 1),
-        ("1", "completion", 3),
-        ("1", "add", 40),  # in the middle of a later shard's tar
-        ("2", "completion", 2),
-        ("2", "add", 20),
+        ("1", "add", 1, CACHE_OFF),  # killed while writing the very first member: nothing finished
+        ("1", "completion", 1, CACHE_OFF),
+        ("1", "completion", 3, CACHE_OFF),
+        ("1", "add", 40, CACHE_OFF),  # in the middle of a later shard's tar
+        ("2", "completion", 2, CACHE_OFF),
+        ("2", "add", 20, CACHE_OFF),
+        ("1", "add", 1, CACHE_ON),
+        ("1", "completion", 3, CACHE_ON),
+        ("1", "add", 40, CACHE_ON),  # in the first pass: original shards and cache files
+        ("1", "add", 75, CACHE_ON),  # in the second pass: mixed_rand shards read from the cache
+        ("1", "cache", 2, CACHE_ON),  # right after the second chunk's cache is published
+        ("1", "marker", 1, CACHE_ON),  # a cache file renamed into place, its marker not yet written
+        ("2", "marker", 3, CACHE_ON),
+        ("2", "add", 60, CACHE_ON),
     ],
 )
 def test_killed_build_leaves_no_partial_shard_and_resumes_identically(
-    corpus, reference, tmp_path, workers, what, limit
+    corpus, reference, tmp_path, workers, what, limit, cache
 ):
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(KILL_HOOK)
     out = tmp_path / "out"
-    args = build_args(corpus, out, "--variant", ",".join(VARIANTS), "--workers", workers)
-    killed = cli(args, {"PYTHONPATH": f"{ROOT}{os.pathsep}{hook}",
-                        "BGCHECK_TEST_KILL": f"{what}:{limit}:{tmp_path / 'counter'}"}, new_session=True)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    args = build_args(corpus, out, "--variant", ",".join(VARIANTS), "--workers", workers,
+                      "--partner-cache-limit", cache)
+    kill_build(tmp_path, args, what, limit)
     ref = published(reference)
     left = published(out) if out.exists() else {}
     assert not [name for name in left if not name.endswith(".tar")]  # no manifest before the end
@@ -287,17 +341,63 @@ def test_killed_build_leaves_no_partial_shard_and_resumes_identically(
         assert data == ref[name], name
     if workers == "1":  # one worker: exactly the shards finished before the kill are there
         if what == "completion":
-            finals = limit
-        else:  # killed at member `limit`: the chunks whose members all came before it are done
-            done = np.cumsum(shard_members(reference)) <= limit - 1
-            finals = len(VARIANTS) * int(done.sum())
-        assert len(left) == finals, sorted(left)
+            assert len(left) == limit, sorted(left)
+        elif what == "add":  # killed at member `limit`: the shards whose members all came before it are done
+            assert sorted(left) == finished_after(reference, cache == CACHE_ON, limit - 1)
+        else:  # killed in the first pass, after the cache of chunk `limit` (or `limit - 1`) was published
+            assert sorted(left) == [f"original/original-{i:06d}.tar" for i in range(limit)]
+    if what == "marker":  # the renamed file without its marker is there, and nothing vouches for it
+        folder = out / ".partner-cache"
+        unvouched = [p for p in folder.glob("chunk-*.bin") if not p.with_suffix(".json").exists()]
+        assert unvouched, sorted(p.name for p in folder.iterdir())
 
     rerun = cli(args)
     assert rerun.returncode == 0, rerun.stderr
     assert published(out) == ref
     assert not list(out.glob("*/.*.tmp"))
+    assert not (out / ".partner-cache").exists()  # removed once every shard is complete
     assert verify(out).ok
+
+
+def test_resumed_build_reuses_the_cache_files_it_can_trust(corpus, reference, tmp_path):
+    """Files vouched for by a marker with the chunk's hash are read again as they are; the rest is redone."""
+    out = tmp_path / "out"
+    args = build_args(corpus, out, "--variant", ",".join(VARIANTS), "--workers", "1")
+    kill_build(tmp_path, args, "cache", 2)  # chunks 0 and 1 published, then killed
+    folder = out / ".partner-cache"
+    kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.glob("chunk-*")}
+    assert sorted(kept) == ["chunk-000000.bin", "chunk-000000.json", "chunk-000001.bin", "chunk-000001.json"]
+    # a resumed build that dies in its own first pass shows what it did with them
+    kill_build(tmp_path, args, "cache", 1)
+    again = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.glob("chunk-*")}
+    assert {k: again[k] for k in kept} == kept  # reused untouched, not rewritten
+    assert "chunk-000002.bin" in again  # the first chunk it had to write itself
+    rerun = cli(args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "3 chunk(s) reused from an earlier run" in rerun.stderr  # chunks 0 and 1, then 2
+    assert published(out) == published(reference)
+
+
+def test_cache_of_changed_inputs_is_not_trusted(tmp_path):
+    """A cache file left by a killed build is redone when its chunk's images change before the rerun."""
+    corpus = make_bad_val_tree(tmp_path / "src")
+    out = tmp_path / "out"
+    args = build_args(corpus, out, "--variant", ",".join(VARIANTS), "--workers", "1")
+    kill_build(tmp_path, args, "cache", 3)
+    marker = json.loads((out / ".partner-cache" / "chunk-000000.json").read_text())
+    # every image of chunk 0 now shows other pixels (same size, so the plan's geometry stays)
+    first = sorted(p for p in corpus.images.iterdir() if p.name.startswith("ILSVRC2012_val_"))[:4]
+    for path in first:
+        with Image.open(path) as img:
+            size = img.size
+        Image.new("RGB", size, (250, 10, 200)).save(path, format="JPEG", quality=95)
+    rerun = cli(args)
+    assert rerun.returncode == 0, rerun.stderr
+    fresh = tmp_path / "fresh"
+    assert cli(build_args(corpus, fresh, "--variant", ",".join(VARIANTS), "--workers", "1",
+                          "--partner-cache-limit", CACHE_OFF)).returncode == 0
+    assert published(out) == published(fresh)
+    assert marker["hash"]  # (the killed build had vouched for chunk 0 under its old hash)
 
 
 # --------------------------------------------------------------------------- full disk
@@ -315,14 +415,32 @@ def _fail_after(n: int, real):
     return failing
 
 
-@pytest.mark.parametrize("where", ["add", "replace"])
+def _fail_cache_writes_after(n: int, real):
+    """os.pwrite that fills the disk after ``n`` rows written to the partner cache (other files write on)."""
+    calls = [0]
+
+    def pwrite(fd, data, offset):
+        if CACHE_DIR in os.readlink(f"/proc/self/fd/{fd}"):
+            calls[0] += 1
+            if calls[0] > n:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, offset)
+
+    return pwrite
+
+
+@pytest.mark.parametrize("where, cache", [("add", CACHE_OFF), ("replace", CACHE_OFF), ("add", CACHE_ON),
+                                          ("replace", CACHE_ON), ("cache", CACHE_ON)])
 def test_full_disk_is_a_clear_error_and_leaves_no_corrupt_shard(corpus, reference, tmp_path, monkeypatch, capsys,
-                                                                where):
+                                                                where, cache):
     out = tmp_path / "out"
-    argv = build_args(corpus, out, "--variant", ",".join(VARIANTS), "--workers", "1")
-    if where == "add":  # the disk fills while a shard is being written (after one complete shard)
-        monkeypatch.setattr(tarfile.TarFile, "addfile", _fail_after(first_chunk_members(reference) + 5,
-                                                                   tarfile.TarFile.addfile))
+    argv = build_args(corpus, out, "--variant", ",".join(VARIANTS), "--workers", "1", "--partner-cache-limit", cache)
+    cached = cache == CACHE_ON
+    n_members = write_groups(reference, cached)[0][1] + 5  # the disk fills after the first group of shards
+    if where == "add":  # ... while a shard is being written
+        monkeypatch.setattr(tarfile.TarFile, "addfile", _fail_after(n_members, tarfile.TarFile.addfile))
+    elif where == "cache":  # ... while the partner cache of chunk 1 is being written (chunk 0's is complete)
+        monkeypatch.setattr(os, "pwrite", _fail_cache_writes_after(6, os.pwrite))
     else:  # ... or just when the finished shard is renamed into place
         real_replace = os.replace
 
@@ -333,16 +451,23 @@ def test_full_disk_is_a_clear_error_and_leaves_no_corrupt_shard(corpus, referenc
 
         monkeypatch.setattr(os, "replace", replace)
     rc = main(argv)
-    err = capsys.readouterr().err.strip()
+    lines = capsys.readouterr().err.strip().splitlines()
     assert rc != 0
-    assert "\n" not in err and err.startswith("make_shards: error:") and "No space left on device" in err, err
-    assert ".tar" in err  # says which file could not be written
+    *notes, err = lines
+    assert [n for n in notes if not n.startswith("make_shards: partner cache: ")] == [] and len(notes) == cached
+    assert err.startswith("make_shards: error:") and "No space left on device" in err, err
+    # says which file could not be written
+    assert (f"{CACHE_DIR}/chunk-000001.bin" if where == "cache" else ".tar") in err
     ref = published(reference)
     left = published(out) if out.exists() else {}
-    assert len(left) == (len(VARIANTS) if where == "add" else 0), sorted(left)  # chunk 0 was finished
+    if where == "add":
+        assert sorted(left) == finished_after(reference, cached, n_members)
+    else:  # 'cache': chunk 1 failed with its cache, after only chunk 0's shards
+        assert sorted(left) == (["original/original-000000.tar"] if where == "cache" else []), sorted(left)
     for name, data in left.items():
         assert data == ref[name], name
-    assert not list(out.glob("*/.*.tmp"))  # the partial file is removed, not left to fill the disk further
+    # the partial file is removed, not left to fill the disk further
+    assert not list(out.glob("*/.*.tmp")) and not list(out.glob(f"{CACHE_DIR}/.*.tmp"))
 
     monkeypatch.undo()
     monkeypatch.setenv("BGCHECK_CACHE", str(tmp_path / "cache"))
