@@ -269,16 +269,16 @@ def test_verify_reports_a_bounded_number_of_lines_per_shard(tmp_path):
     assert 20 <= len(lines) <= 21 and "more problem" in lines[-1]
 
 
-@pytest.mark.parametrize("edit", [
-    lambda m: {**m, "variant": "original", "nest": json.loads("[" * 50 + "]" * 50)},
-    lambda m: "[" * 100_000 + "]" * 100_000,
-    lambda m: {**m, "label": None},
-    lambda m: {**m, "label": [7]},
-    lambda m: {**m, "label": 1e400},
-    lambda m: {**m, "in9_label": 10**30},
-    lambda m: {**m, "key": {"nested": True}},
-])
-def test_bad_value_types_are_one_line_sample_problems(tmp_path, edit, capsys):
+@pytest.mark.parametrize(("edit", "problem"), [
+    (lambda m: {**m, "variant": "original", "nest": json.loads("[" * 50 + "]" * 50)}, None),  # harmless: scored
+    (lambda m: "[" * 100_000 + "]" * 100_000, ".json is not JSON (RecursionError)"),
+    (lambda m: {**m, "label": None}, ".cls says 7, .json label is 'None'"),
+    (lambda m: {**m, "label": [7]}, ".cls says 7, .json label is '[7]'"),
+    (lambda m: {**m, "label": 1e400}, ".cls says 7, .json label is 'inf'"),
+    (lambda m: {**m, "in9_label": 10**30}, ".json in9_label '10000000000000000000' is not -1..8"),
+    (lambda m: {**m, "key": {"nested": True}}, ".json key is \"{'nested': True}\""),
+], ids=["extra-field", "nested-100000", "label-null", "label-list", "label-1e400", "in9-1e30", "key-object"])
+def test_bad_value_types_are_one_line_sample_problems(tmp_path, edit, problem, capsys):
     rng = np.random.default_rng(3)
     members = []
     for i in range(2):
@@ -291,11 +291,17 @@ def test_bad_value_types_are_one_line_sample_problems(tmp_path, edit, capsys):
     args = ["--shards", tmp_path / "s.tar", "--models", "tiny_b", *BASE]
     rc = score_cli(*args, "--out", tmp_path / "strict")
     err = capsys.readouterr().err.strip()
-    if rc == 0:  # a harmless extra field
+    if problem is None:  # an extra field the format does not define is no problem: both samples are scored
+        assert rc == 0 and "error" not in err, err
+        assert read_scores(tmp_path / "strict")[("tiny_b", "original")]["n"] == "2"
+        assert read_scores(tmp_path / "strict")[("tiny_b", "original")]["skipped"] == "0"
         return
-    assert rc == 2 and err.startswith("error: shard s.tar, key k1:") and "\n" not in err
+    assert rc == 2 and err == f"error: shard s.tar, key k1: {problem}", err
+    assert not (tmp_path / "strict" / "scores.csv").exists()
     assert score_cli(*args, "--out", tmp_path / "skip", "--on-error", "skip") == 0
-    assert read_scores(tmp_path / "skip")[("tiny_b", "original")]["skipped"] == "1"
+    row = read_scores(tmp_path / "skip")[("tiny_b", "original")]
+    assert row["skipped"] == "1" and row["n"] == "1", row  # counted, not scored
+    assert read_predictions(predictions_path(tmp_path / "skip", "tiny_b", "original")).keys.tolist() == ["k0"]
 
 
 # --------------------------------------------------------------------------- two runs, kills

@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.gallery_size < 0:
         print("error: --gallery-size must be >= 0", file=sys.stderr)
         return 2
+    out = args.out if args.out is not None else args.results_dir / "report"
+    if out.exists() and not out.is_dir():  # as eval.score and the builder say it, before any work
+        print(f"error: --out {out} is a file, not a folder", file=sys.stderr)
+        return 2
     try:
         result = build_report(
             args.results_dir, args.out, label_space=args.label_space, n_boot=args.bootstrap,

@@ -246,7 +246,10 @@ def parse_sample(
             problems.append(f"no .{MASK_EXTENSION} although the config says with_masks")
         if not with_masks and MASK_EXTENSION in members:
             problems.append(f".{MASK_EXTENSION} present although the config says no masks")
-    hint = meta.get("variant") if meta.get("variant") in VARIANTS else expected_variant
+    # where a bad sample is counted: the manifest's variant when there is one (a sample cannot move its
+    # skip into another variant's results), else the sample's own if it is a known id
+    stated = meta.get("variant")
+    hint = expected_variant if expected_variant is not None else (stated if stated in VARIANTS else None)
     if problems:
         return None, problems, hint
     return ShardSample(key, members, label, meta, variant, images[0]), [], variant  # type: ignore[arg-type]
