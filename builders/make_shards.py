@@ -199,7 +199,7 @@ def _build_locked(config: BuildConfig, out: Path, progress: bool, note: Callable
 
     done: dict[tuple[str, int], ShardResult] = {}
     todo: list[tuple[int, list[str]]] = []
-    hashes = {(v, i): chunk_hash(config, plan, v, chunk) for i, chunk in enumerate(chunks) for v in config.variants}
+    hashes = {(v, i): chunk_hash(config, plan, v, chunk, dropped[v]) for i, chunk in enumerate(chunks) for v in config.variants}
     for index in range(len(chunks)):
         missing = []
         for v in config.variants:
@@ -219,7 +219,9 @@ def _build_locked(config: BuildConfig, out: Path, progress: bool, note: Callable
 
         chunk = chunks[index]
         keys = {r.key for r in chunk}
-        assignments = {v: {k: a for k, a in plan.assignments[v].items() if k in keys} for v in variants}
+        # looked up per record of the chunk: a scan of the whole plan per chunk is quadratic in the dataset
+        assignments = {v: {r.key: a for r in chunk if (a := plan.assignments[v].get(r.key)) is not None}
+                       for v in variants}
         partners = {
             a.bg_key: plan.partners[a.bg_key] for per in assignments.values() for a in per.values() if a.bg_key
         }
@@ -258,17 +260,17 @@ def _build_locked(config: BuildConfig, out: Path, progress: bool, note: Callable
     return manifests
 
 
-def chunk_hash(config: BuildConfig, plan: Plan, variant: str, chunk: list[SourceRecord]) -> str:
+def chunk_hash(config: BuildConfig, plan: Plan, variant: str, chunk: list[SourceRecord], dropped_keys: set[str]) -> str:
     """What one shard is built from: the variant's config plus its chunk of the plan.
 
     A rerun keeps a finished shard only if this matches, so changed inputs
     (annotations, or the files themselves: their size and modification time),
     partners or textures rebuild the shards they touch instead of publishing
-    shards written from an older plan.
+    shards written from an older plan. ``dropped_keys`` are the variant's
+    rejected keys (the whole plan's: looked up, never scanned, per chunk).
     """
     keys = [r.key for r in chunk]
-    in_chunk = set(keys)
-    dropped = sorted(r.key for r in plan.variant_rejections[variant] if r.key in in_chunk)
+    dropped = sorted(k for k in keys if k in dropped_keys)
     assignments = plan.assignments[variant]
     chosen = [(k, list(astuple(assignments[k])) if k in assignments else None) for k in keys]
     partners = sorted({a[0] for _, a in chosen if a and a[0]})

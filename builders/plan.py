@@ -12,23 +12,29 @@ import bisect
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from builders.config import BuildConfig
 from pipeline.classes import imagenet_classes, to_in9
 from pipeline.decode import SOURCE_FORMATS, TEXTURE_SUFFIXES, exif_transpose_code, open_image
 from pipeline.files import open_regular, read_regular
+from pipeline.frame import clip_box, rasterize_boxes
 from pipeline.masks import SelectionFilters
 from pipeline.prepare import sample_geometry
-from pipeline.records import RejectedInput, Rejection, SourceRecord
-from pipeline.rng import rng_for
+from pipeline.records import RejectedInput, Rejection, SourceRecord, gc_paused
+from pipeline.rng import draw_index, draw_unit
 from pipeline.textures import N_PROCEDURAL
 from pipeline.variants import VARIANT_SPECS
 
+# Plans hold one Assignment per sample and variant and one Probe per input (millions for ImageNet
+# train): both are slotted, and a Probe's failures are a tuple (no failure: the one empty tuple).
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, slots=True)
 class Assignment:
     """What a sample needs from elsewhere for one variant."""
 
@@ -37,13 +43,13 @@ class Assignment:
     texture: str | None = None  # "procedural:07" or a file name under --textures
 
 
-@dataclass
+@dataclass(slots=True)
 class Probe:
     """What the plan knows of a source from its header alone."""
 
     key: str
     bg_ok: bool  # may serve as a background (no box_too_large, a strip left to tile)
-    failures: list[str]
+    failures: tuple[str, ...]  # selection-filter reason codes, in pipeline.masks.check_selection's order
     stamp: str = ""  # size and modification time of the file: a rerun rebuilds what changed under a name
 
 
@@ -118,26 +124,44 @@ def probe_record(record: SourceRecord, config: BuildConfig) -> Probe:
             stamp = file_stamp(os.fstat(fh.fileno()))
     except OSError as exc:
         raise input_error(record.image, config, exc) from None
+    return probe_header(record, stored_size, orientation, stamp, config)
+
+
+def probe_header(
+    record: SourceRecord, stored_size: tuple[int, int], orientation: int, stamp: str, config: BuildConfig
+) -> Probe:
+    """What :func:`probe_record` concludes once it has read the header (the benchmark feeds it known headers)."""
+    # box_too_large is check_selection's last rule; it is decided here by counting the same raster's
+    # pixels (the mean of a bool mask is that count over its size, exactly) instead of numpy's
+    # mean, which costs more than the rest of the probe's geometry together
     geo = sample_geometry(
-        record, stored_size, orientation, size=config.size, resize=config.resize, filters=filters_of(config)
+        record, stored_size, orientation, size=config.size, resize=config.resize,
+        filters=SelectionFilters(config.exactly_one_box, None, config.max_box_cropped),
     )
     size = config.size
-    xs0 = min(max(b[0], 0) for b in geo.framed)
-    ys0 = min(max(b[1], 0) for b in geo.framed)
-    xs1 = max(min(b[2], size) for b in geo.framed)
-    ys1 = max(min(b[3], size) for b in geo.framed)
-    has_strip = xs0 >= 1 or ys0 >= 1 or xs1 <= size - 1 or ys1 <= size - 1
-    bg_ok = "box_too_large" not in geo.failures and has_strip
-    return Probe(record.key, bg_ok, geo.failures, stamp)
+    failures = geo.failures
+    clipped = [clip_box(b, size) for b in geo.framed]
+    if config.max_box_fraction is not None:
+        union = rasterize_boxes(clipped, size)
+        if np.count_nonzero(union) / union.size > config.max_box_fraction:
+            failures = [*failures, "box_too_large"]
+    # a strip of background outside the boxes (clipped or not, the same answer: size >= 8)
+    has_strip = (
+        min(b[0] for b in clipped) >= 1 or min(b[1] for b in clipped) >= 1
+        or max(b[2] for b in clipped) <= size - 1 or max(b[3] for b in clipped) <= size - 1
+    )
+    bg_ok = "box_too_large" not in failures and has_strip
+    return Probe(record.key, bg_ok, tuple(failures), stamp)
 
 
 def probe_batch(records: list[SourceRecord], config: BuildConfig) -> list[Probe | Rejection]:
     out: list[Probe | Rejection] = []
-    for record in records:
-        try:
-            out.append(probe_record(record, config))
-        except RejectedInput as exc:
-            out.append(Rejection(record.key, exc.reason, exc.detail, record.source))
+    with gc_paused():
+        for record in records:
+            try:
+                out.append(probe_record(record, config))
+            except RejectedInput as exc:
+                out.append(Rejection(record.key, exc.reason, exc.detail, record.source))
     return out
 
 
@@ -167,23 +191,30 @@ def selected_classes(spec: str) -> set[int] | None:
 
 
 def annotation_hash(items: Iterable[SourceRecord | Rejection]) -> str:
-    """sha256 over the canonical JSON of what the reader produced: identifies the annotation set."""
+    """sha256 over the canonical JSON of what the reader produced: identifies the annotation set.
+
+    One line per item, ``json.dumps(row, separators=(",", ":"))`` of
+    ``[key, label, wnid, boxes, segmentation kind, size]`` or
+    ``["rejected", key, reason]``, hashed a few thousand lines at a time.
+    """
     h = hashlib.sha256()
+    lines: list[str] = []
     for item in items:
-        if isinstance(item, SourceRecord):
-            row = [
-                item.key,
-                item.label,
-                item.wnid,
-                [b.as_list() for b in item.boxes],
-                item.segmentation.kind if item.segmentation else None,
-                list(item.size) if item.size else None,
-            ]
-        else:
-            row = ["rejected", item.key, item.reason]
-        h.update(json.dumps(row, separators=(",", ":")).encode())
-        h.update(b"\n")
+        lines.append(json.dumps(_hash_row(item), separators=(",", ":")))
+        if len(lines) == 4096:
+            h.update("\n".join(lines).encode() + b"\n")
+            lines.clear()
+    if lines:
+        h.update("\n".join(lines).encode() + b"\n")
     return h.hexdigest()
+
+
+def _hash_row(item: SourceRecord | Rejection) -> list:
+    if isinstance(item, SourceRecord):
+        seg = item.segmentation
+        return [item.key, item.label, item.wnid, [b.as_list() for b in item.boxes], seg.kind if seg else None,
+                list(item.size) if item.size else None]
+    return ["rejected", item.key, item.reason]
 
 
 def list_textures(config: BuildConfig) -> list[str]:
@@ -206,6 +237,15 @@ def make_plan(
     probes: dict[str, Probe | Rejection],
 ) -> Plan:
     """Turn reader output and header probes into the plan (reads only the --classes file and the --textures folder)."""
+    with gc_paused():
+        return _make_plan(items, config, probes)
+
+
+def _make_plan(
+    items: list[SourceRecord | Rejection],
+    config: BuildConfig,
+    probes: dict[str, Probe | Rejection],
+) -> Plan:
     rejections: list[Rejection] = []
     records: list[SourceRecord] = []
     chosen = selected_classes(config.classes)
@@ -221,7 +261,7 @@ def make_plan(
             elif config.mask == "segm" and item.segmentation is None:
                 # known from the annotations: such an image can be neither a sample nor a partner
                 rejections.append(Rejection(item.key, "bad_segmentation", "no segmentation (--mask segm)", item.source))
-            elif {"multiple_boxes", "box_cropped"} & set(probe.failures):
+            elif probe.failures and ("multiple_boxes" in probe.failures or "box_cropped" in probe.failures):
                 reason = "multiple_boxes" if "multiple_boxes" in probe.failures else "box_cropped"
                 rejections.append(Rejection(item.key, reason, ", ".join(probe.failures), item.source))
             else:
@@ -230,10 +270,12 @@ def make_plan(
         by_class: dict[int, list[SourceRecord]] = {}
         for r in records:
             by_class.setdefault(r.label, []).append(r)
+        # a seeded order, so the kept subset does not favour low image ids
+        keys = [r.key for r in records]
+        order = dict(zip(keys, [draw_unit(config.seed, k, "per_class") for k in keys], strict=True))
         keep: set[str] = set()
         for members in by_class.values():
-            # a seeded order, so the kept subset does not favour low image ids
-            ordered = sorted(members, key=lambda r: rng_for(config.seed, r.key, "per_class").random())
+            ordered = sorted(members, key=lambda r: order[r.key])
             keep.update(r.key for r in ordered[: config.per_class])
         for r in records:
             if r.key not in keep:
@@ -247,26 +289,48 @@ def make_plan(
 
     assignments: dict[str, dict[str, Assignment]] = {v: {} for v in config.variants}
     variant_rejections: dict[str, list[Rejection]] = {v: [] for v in config.variants}
+    no_background = {r.key for r in records if not probes[r.key].bg_ok}  # type: ignore[union-attr]
+    partner_assignments: dict[str, Assignment] = {}  # one per partner, shared by all who draw it (frozen)
     for variant in config.variants:
         spec = VARIANT_SPECS[variant]
-        for r in records:
-            probe = probes[r.key]
-            if spec.own_background and not probe.bg_ok:
-                reason = "box_too_large" if "box_too_large" in probe.failures else "no_background"
-                variant_rejections[variant].append(Rejection(r.key, reason, "background-only variant", r.source, variant))
-            elif spec.partner is not None:
-                partner = draw_partner(pools.pool(spec.partner, r.label), r.key, config.seed, variant)
+        if not (spec.own_background or spec.partner is not None or spec.texture):
+            continue  # needs nothing from elsewhere and keeps every record
+        # (record index, rejection): a variant's rejections are listed in record order
+        dropped: list[tuple[int, Rejection]] = []
+        if spec.own_background and no_background:
+            for i, r in enumerate(records):
+                if r.key in no_background:
+                    reason = "box_too_large" if "box_too_large" in probes[r.key].failures else "no_background"  # type: ignore[union-attr]
+                    dropped.append((i, Rejection(r.key, reason, "background-only variant", r.source, variant)))
+        if spec.partner is None and not spec.texture:
+            variant_rejections[variant] = [rejection for _, rejection in dropped]
+            continue
+        if spec.own_background and no_background:
+            eligible = [(i, r) for i, r in enumerate(records) if r.key not in no_background]
+        else:
+            eligible = list(enumerate(records))
+        keys = [r.key for _, r in eligible]
+        if spec.partner is not None:
+            pool_of = {label: pools.pool(spec.partner, label) for label in {r.label for _, r in eligible}}
+            drawn = draw_partners([pool_of[r.label] for _, r in eligible], keys, config.seed, variant)
+            chosen_partners = assignments[variant]
+            for (i, r), partner in zip(eligible, drawn, strict=True):
                 if partner is None:
-                    variant_rejections[variant].append(
-                        Rejection(r.key, "no_partner", f"no background image for {variant}", r.source, variant)
-                    )
+                    dropped.append((i, Rejection(r.key, "no_partner", f"no background image for {variant}", r.source,
+                                                 variant)))
+                elif (assignment := partner_assignments.get(partner)) is not None:
+                    chosen_partners[r.key] = assignment
                 else:
-                    assignments[variant][r.key] = Assignment(partner, by_key[partner].label)
-            elif spec.texture:
-                assignments[variant][r.key] = Assignment(texture=pick_texture(textures, config.seed, r.key))
-    partners = {
-        a.bg_key: by_key[a.bg_key] for per in assignments.values() for a in per.values() if a.bg_key is not None
-    }
+                    chosen_partners[r.key] = partner_assignments[partner] = Assignment(partner, by_key[partner].label)
+        elif spec.texture:
+            # one Assignment per texture, shared by every sample that draws it (they are frozen)
+            shared = [Assignment(texture=name) for name in textures]
+            picked = [draw_index(config.seed, k, "texture", len(textures)) for k in keys]
+            assignments[variant] = {k: shared[t] for k, t in zip(keys, picked, strict=True)}
+        dropped.sort(key=lambda pair: pair[0])
+        variant_rejections[variant] = [rejection for _, rejection in dropped]
+    # every partner, in the order the variants (then the samples) first drew it
+    partners = {key: by_key[key] for key in partner_assignments}
     stamps = {r.key: probes[r.key].stamp for r in records}  # type: ignore[union-attr]
     for name in textures:
         if (path := texture_path(config, name)) is not None:
@@ -297,10 +361,11 @@ class PartnerPools:
     @classmethod
     def of(cls, records: list[SourceRecord], probes: dict[str, Probe | Rejection], level: str) -> PartnerPools:
         usable = [r for r in records if probes[r.key].bg_ok]  # type: ignore[union-attr]
+        group = {label: group_of(label, level) for label in {r.label for r in records}}
         by_group: dict[int, list[str]] = {}
         for r in usable:
-            by_group.setdefault(group_of(r.label, level), []).append(r.key)
-        present = sorted({group_of(r.label, level) for r in records})
+            by_group.setdefault(group[r.label], []).append(r.key)
+        present = sorted(set(group.values()))
         next_group = {g: present[(i + 1) % len(present)] for i, g in enumerate(present)} if len(present) > 1 else {}
         return cls([r.key for r in usable], by_group, next_group, level)
 
@@ -318,20 +383,27 @@ class PartnerPools:
 
 def pick_texture(textures: list[str], seed: int, key: str) -> str:
     """The texture a sample gets, from ``(seed, key)`` alone."""
-    return textures[int(rng_for(seed, key, "texture").integers(len(textures)))]
+    return textures[draw_index(seed, key, "texture", len(textures))]
 
 
 def draw_partner(pool: list[str], key: str, seed: int, variant: str) -> str | None:
     """Uniform over ``pool`` (sorted) without ``key`` itself, from (seed, key, variant) alone."""
-    at = bisect.bisect_left(pool, key)
-    own = at < len(pool) and pool[at] == key
-    n = len(pool) - own
-    if n <= 0:
-        return None
-    i = int(rng_for(seed, key, variant).integers(n))
-    if own and i >= at:
-        i += 1
-    return pool[i]
+    return draw_partners([pool], [key], seed, variant)[0]
+
+
+def draw_partners(pools: Sequence[list[str]], keys: Sequence[str], seed: int, variant: str) -> list[str | None]:
+    """:func:`draw_partner` for many keys (``pools[i]`` is the sorted pool of ``keys[i]``)."""
+    out: list[str | None] = []
+    for pool, key in zip(pools, keys, strict=True):
+        at = bisect.bisect_left(pool, key)
+        own = at < len(pool) and pool[at] == key
+        n = len(pool) - own
+        if n <= 0:
+            out.append(None)
+            continue
+        i = draw_index(seed, key, variant, n)
+        out.append(pool[i + 1 if own and i >= at else i])
+    return out
 
 
 def texture_path(config: BuildConfig, name: str) -> str | None:
@@ -345,6 +417,7 @@ __all__ = [
     "make_plan",
     "probe_batch",
     "draw_partner",
+    "draw_partners",
     "pick_texture",
     "PartnerPools",
     "annotation_hash",

@@ -8,7 +8,7 @@ shard instead of keeping shards written by older code.
 
 from __future__ import annotations
 
-BUILDER_VERSION = "2.1.0"
+BUILDER_VERSION = "2.2.0"
 
 RELEASE_NOTES: dict[str, str] = {
     "1.0.0": "First release: nine variants, tar members written in plan order by a hand-rolled tarfile writer.",
@@ -22,5 +22,11 @@ RELEASE_NOTES: dict[str, str] = {
         "read as ImageNet-S class ids; texture crops are resampled from the crop's own region; with --mask segm an "
         "image without a segmentation is rejected at planning (never drawn as a partner); a rerun also rebuilds "
         "shards whose input files changed under their names."
+    ),
+    "2.2.0": (
+        "A plan's single draws (each sample's partner and texture, the --per-class order) come from a 64-bit word "
+        "of SHA-256(seed, purpose, key) instead of a numpy Generator built per draw: other (equally uniform) "
+        "partners and textures than 2.1.0 chose, and planning ImageNet train takes seconds instead of minutes. "
+        "Pixels of a given sample and partner are unchanged."
     ),
 }

@@ -8,6 +8,10 @@ from functools import lru_cache
 
 from data_manifests import data_file
 
+# The label spaces: ImageNet-1k class indices and ImageNet-9 superclasses (the shard format's .cls and in9_label).
+IN1K_CLASSES = 1000
+IN9_CLASSES = 9
+
 IN1K_FILE = data_file("imagenet_classes.tsv")
 IN9_MAP_FILE = data_file("in_to_in9.json")
 IN9_NAMES_FILE = data_file("in9_classes.txt")
@@ -49,11 +53,16 @@ def wnid_to_index() -> dict[str, int]:
     return imagenet_classes().index_of
 
 
+def canonical_wnid(label: int) -> str:
+    """The wnid of a class index as one shared string: a reader keeps this, not its own copy per record."""
+    return imagenet_classes().wnids[label]
+
+
 @lru_cache(maxsize=1)
 def in9_mapping() -> tuple[int, ...]:
     """ImageNet-1k index -> ImageNet-9 superclass index, -1 where unmapped."""
     raw = json.loads(IN9_MAP_FILE.read_text())
-    return tuple(int(raw[str(i)]) for i in range(1000))
+    return tuple(int(raw[str(i)]) for i in range(IN1K_CLASSES))
 
 
 @lru_cache(maxsize=1)

@@ -526,7 +526,9 @@ def test_gallery_finds_the_shards_eval_score_recorded(scored, tmp_path):
     assert flips == keys[:4]
     text = (out / "report.html").read_text()
     assert "no only_bg_t predictions: showing the largest flips on mixed_rand instead." in text
-    assert text.count('<img loading="lazy"') == gallery["thumbnails"] >= 4 * 2
+    # every thumbnail read is shown; a row's background may also be another row's image: read once, shown twice
+    shown = text.count('<img loading="lazy"')
+    assert gallery["thumbnails"] >= 4 * 2 and gallery["thumbnails"] <= shown <= gallery["thumbnails"] + len(flips)
 
 
 def test_gallery_reads_only_what_it_shows(scored, tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import os
+import random
 import socket
 from collections import Counter
 from pathlib import Path
@@ -20,7 +21,7 @@ from pipeline.classes import wnid_to_index
 from pipeline.masks import rle_counts_from_string
 from pipeline.records import Box, RejectedInput, Rejection, SourceRecord
 from pipeline.sources import READERS, SourceError, read_source
-from pipeline.sources._common import check_boxes
+from pipeline.sources._common import check_boxes, most_common, scan, stem
 from pipeline.sources.coco import read_coco
 from pipeline.sources.loc_csv import read_loc_csv
 from pipeline.sources.mask_dir import read_mask_dir
@@ -1008,3 +1009,43 @@ def test_mask_dir_refuses_a_binary_mask_saved_in_colour(tmp_path):
     Image.fromarray(white, "RGB").save(masks / TENCH / "ILSVRC2012_val_00000001.png")
     (out,) = read_mask_dir(images, masks)
     assert out.reason == "bad_segmentation" and "single-channel" in out.detail
+
+
+def test_most_common_is_counters_first_most_common():
+    rng = random.Random(0)
+    for _ in range(2000):
+        values = [rng.choice("abcd") for _ in range(rng.randint(1, 7))]
+        expected = Counter(values).most_common(1)[0][0]  # ties: the first seen
+        assert most_common(values) == most_common(iter(values)) == expected, values
+    with pytest.raises(IndexError):
+        most_common([])
+
+
+def test_check_boxes_keeps_clean_float_boxes_and_rebuilds_the_rest():
+    inside = Box(1.0, 2.0, 30.0, 40.0, "n01440764")
+    clipped = Box(-0.5, 2.0, 50.5, 40.0, "n01440764")
+    whole = Box(1, 2, 30, 40, "n01440764")
+    (a, b, c), reason, _ = check_boxes([inside, clipped, whole], (50, 45))
+    assert reason is None and a is inside
+    assert b.as_list() == [0.0, 2.0, 50.0, 40.0] and b.wnid == "n01440764"
+    assert c == inside and all(type(v) is float for v in c.as_list())
+
+
+def test_scan_pairs_by_stem_like_splitext(tmp_path):
+    names = ["a.b.JPEG", "noext", "trailing.", "UPPER.JPG", "back\\slash.jpeg", ".hidden.jpeg", "x.png", "y.txt",
+             "sub/in.jpeg", "sub/deeper/too-deep.jpeg", "sub/a.b.jpg"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    expected: dict[str, list[str]] = {}
+    for folder, _, files in os.walk(tmp_path):  # the plain rule: splitext, no dot files, one folder deep
+        rel = Path(folder).relative_to(tmp_path)
+        if len(rel.parts) > 1 or any(p.startswith(".") for p in rel.parts):
+            continue
+        for f in files:
+            if not f.startswith(".") and os.path.splitext(f)[1].lower() in {".jpeg", ".jpg", ".png"}:
+                expected.setdefault(stem(f), []).append((rel / f).as_posix())
+    found = scan(tmp_path, {".JPEG", ".jpg", ".png"}, depth=1)
+    assert {s: [f.name for f in files] for s, files in found.items()} == {s: sorted(v) for s, v in expected.items()}
+    assert set(found) == {"a.b", "UPPER", "slash", "x", "in"}
+    assert [f.name for f in found["a.b"]] == ["a.b.JPEG", "sub/a.b.jpg"]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.records import gc_paused
 from pipeline.sources._common import Output, SourceError
 from pipeline.sources.coco import read_coco
 from pipeline.sources.demo import read_demo
@@ -84,7 +85,8 @@ def read_source(
         raise SourceError(f"source kind {kind!r} needs an image folder")
     if spec.needs_annotations and annotations is None:
         raise SourceError(f"source kind {kind!r} needs an annotation path")
-    return spec.read(images, annotations, **options)
+    with gc_paused():  # most readers make every record here, before they return
+        return spec.read(images, annotations, **options)
 
 
 __all__ = ["READERS", "Output", "ReaderSpec", "SourceError", "read_source"]

@@ -49,7 +49,7 @@ class SourceError(ValueError):
     """The source as a whole cannot be read (not one bad input among many)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Found:
     """A file found under a root: ``path`` to open it, ``name`` (relative, '/'-separated) to report it."""
 
@@ -71,7 +71,12 @@ def stem(name: str) -> str:
 
 def most_common(wnids: Iterable[str]) -> str:
     """Most frequent label; ties go to the first seen, so the choice is deterministic."""
-    return Counter(wnids).most_common(1)[0][0]
+    values = wnids if isinstance(wnids, list) else list(wnids)
+    first = values[0]
+    for value in values:  # nearly always one label, which needs no counting
+        if value != first:
+            return Counter(values).most_common(1)[0][0]
+    return first
 
 
 # --------------------------------------------------------------------------- files
@@ -82,19 +87,23 @@ def scan(root: Path, extensions: Iterable[str], depth: int) -> dict[str, list[Fo
     exts = {e.lower() for e in extensions}
     found: dict[str, list[Found]] = defaultdict(list)
 
-    def walk(folder: Path, prefix: str, level: int) -> None:
+    def walk(folder: str | Path, prefix: str, level: int) -> None:
         with os.scandir(folder) as entries:
             for entry in entries:
-                if entry.name.startswith("."):
+                name = entry.name
+                if name.startswith("."):
                     continue
                 if entry.is_dir():
                     if level < depth:
-                        walk(Path(entry.path), f"{prefix}{entry.name}/", level + 1)
-                elif os.path.splitext(entry.name)[1].lower() in exts:
-                    found[stem(entry.name)].append(Found(entry.path, prefix + entry.name))
+                        walk(entry.path, f"{prefix}{name}/", level + 1)
+                    continue
+                dot = name.rfind(".")  # the name does not start with a dot: this is splitext's extension
+                if dot > 0 and name[dot:].lower() in exts:
+                    key = name[:dot] if "\\" not in name else stem(name)
+                    found[key].append(Found(entry.path, prefix + name))
 
     walk(root, "", 0)
-    return {s: sorted(files, key=lambda f: f.name) for s, files in found.items()}
+    return {s: files if len(files) == 1 else sorted(files, key=lambda f: f.name) for s, files in found.items()}
 
 
 def require_dir(path: str | Path | None, what: str) -> Path:
@@ -120,16 +129,15 @@ def read_source_text(path: str | Path | None, what: str) -> tuple[Path, str]:
 
 def image_file_problem(image: Found) -> tuple[str, str] | None:
     """(reason, detail) if a listed image cannot be an input, judged without opening it; None if it can."""
-    name = printable(image.name)
     try:
         size = stat_regular(image.path).st_size
     except FileNotFoundError:
-        return "missing_image", f"{name}: no such file (a dangling symlink?)"
+        return "missing_image", f"{printable(image.name)}: no such file (a dangling symlink?)"
     except NotRegularFile:
-        return "undecodable_image", f"{name}: not a regular file"
+        return "undecodable_image", f"{printable(image.name)}: not a regular file"
     except OSError as exc:
-        return "undecodable_image", f"{name}: {exc.strerror}"
-    return ("empty_file", f"{name}: 0 bytes") if size == 0 else None
+        return "undecodable_image", f"{printable(image.name)}: {exc.strerror}"
+    return ("empty_file", f"{printable(image.name)}: 0 bytes") if size == 0 else None
 
 
 def join_by_stem(
@@ -148,8 +156,13 @@ def join_by_stem(
     comes before its duplicates).
     """
     out: list[Output] = []
-    for s in sorted(set(images) | set(annotations)):
-        imgs, anns = list(images.get(s, ())), list(annotations.get(s, ()))
+    for s in sorted(images.keys() | annotations.keys()):
+        imgs, anns = images.get(s, ()), annotations.get(s, ())
+        if len(imgs) == 1 and len(anns) == 1 and key_problem(s) is None:  # the usual stem: one of each
+            rejected = image_file_problem(imgs[0])
+            out.append(build(s, imgs[0], anns[0]) if rejected is None else Rejection(s, *rejected, source))
+            continue
+        imgs, anns = list(imgs), list(anns)
         image_names, annotation_names = [printable(f.name) for f in imgs], [describe(a) for a in anns]
         extras = image_names[1:] + annotation_names[1:]
         problem = key_problem(s)
@@ -234,7 +247,10 @@ def check_boxes(
         x1, y1 = min(b.x1, w), min(b.y1, h)
         if x1 <= x0 or y1 <= y0:  # only the overshoot was inside the tolerance
             return (), "box_outside_image", f"box {i} {coords} has no area inside image {w}x{h}"
-        clean.append(Box(float(x0), float(y0), float(x1), float(y1), b.wnid))
+        if type(b) is Box and (x0, y0, x1, y1) == coords and all(type(c) is float for c in coords):
+            clean.append(b)  # nothing clipped and all floats already: the clean box is this one
+        else:
+            clean.append(Box(float(x0), float(y0), float(x1), float(y1), b.wnid))
     return tuple(clean), None, ""
 
 

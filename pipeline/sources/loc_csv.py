@@ -8,7 +8,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.classes import wnid_to_index
+from pipeline.classes import canonical_wnid, wnid_to_index
 from pipeline.records import Box, Rejection, SourceRecord
 from pipeline.sources._common import (
     SOURCE_IMAGE_SUFFIXES,
@@ -38,9 +38,10 @@ def read_rows(path: Path, text: str) -> dict[str, list[Row]]:
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
             raise SourceError(f"{path}: header must be 'ImageId,PredictionString', got {header}")
+        name = path.name
         for line_no, row in enumerate(reader, start=2):
             if row:
-                rows[row[0].strip()].append((f"{path.name}:{line_no}", row[1] if len(row) > 1 else ""))
+                rows[row[0].strip()].append((f"{name}:{line_no}", row[1] if len(row) > 1 else ""))
     except csv.Error as exc:
         raise SourceError(f"cannot read {path}: {exc}") from None
     return rows
@@ -57,14 +58,16 @@ def loc_record(key: str, image: Found, row: Row, offset: float) -> Output:
         parsed = [(g[0], [float(v) for v in g[1:]]) for g in groups]
     except ValueError as exc:
         return Rejection(key, "malformed_annotation", f"{where}: {printable(exc)}", SOURCE)
-    wnid = most_common(w for w, _ in parsed)
-    if wnid not in wnid_to_index():
+    wnid = most_common([w for w, _ in parsed])
+    label = wnid_to_index().get(wnid)
+    if label is None:
         return Rejection(key, "unknown_wnid", f"{where}: {printable(wnid, 24)} is not an ImageNet-1k class", SOURCE)
-    boxes = [Box(x0 - offset, y0 - offset, x1, y1, w) for w, (x0, y0, x1, y1) in parsed if w == wnid]
+    shared = canonical_wnid(label)
+    boxes = [Box(x0 - offset, y0 - offset, x1, y1, shared) for w, (x0, y0, x1, y1) in parsed if w == wnid]
     clean, reason, detail = check_boxes(boxes, None)
     if reason is not None:
         return Rejection(key, reason, f"{where}: {detail}", SOURCE)
-    return SourceRecord(key, image.path, wnid_to_index()[wnid], wnid, clean, None, None, SOURCE, where)
+    return SourceRecord(key, image.path, label, shared, clean, None, None, SOURCE, where)
 
 
 def read_loc_csv(images: str | Path, annotations: str | Path, box_convention: str = "voc") -> Iterator[Output]:

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.classes import wnid_to_index
+from pipeline.classes import canonical_wnid, wnid_to_index
 from pipeline.files import open_regular, read_regular
 from pipeline.records import Box, RejectedInput, Rejection, SourceRecord
 from pipeline.sources._common import (
@@ -104,17 +104,19 @@ def voc_record(key: str, image: Found, data: bytes, where: str, source: str, lab
         if not voc.objects:
             return Rejection(key, "no_box", f"{where}: no <object>", source)
         label_wnid = most_common(name for name, _ in voc.objects)
-    if label_wnid not in wnid_to_index():
+    label = wnid_to_index().get(label_wnid)
+    if label is None:
         return Rejection(key, "unknown_wnid", f"{where}: {printable(label_wnid, 24)} is not an ImageNet-1k class", source)
-    boxes = [voc_box(name, *c) for name, c in voc.objects if name == label_wnid]
+    shared = canonical_wnid(label)
+    boxes = [voc_box(shared, *c) for name, c in voc.objects if name == label_wnid]
     clean, reason, detail = check_boxes(boxes, voc.size)
     if reason is not None:
         return Rejection(key, reason, f"{where}: {detail}", source)
     return SourceRecord(
         key=key,
         image=image.path,
-        label=wnid_to_index()[label_wnid],
-        wnid=label_wnid,
+        label=label,
+        wnid=shared,
         boxes=clean,
         size=voc.size,
         source=source,
