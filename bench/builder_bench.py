@@ -153,29 +153,41 @@ def shard_hashes(manifests: dict) -> dict[str, list[str]]:
 
 def peak_rss_of_build(config: BuildConfig, poll_s: float = 0.05) -> dict:
     """Run the build CLI in a subprocess; peak summed RSS of it and its workers (MiB)."""
-    import psutil
-
     shutil.rmtree(config.out, ignore_errors=True)
     cmd = [sys.executable, "-m", "builders.make_shards", "--source", config.source, "--images", str(config.images),
            "--annotations", str(config.annotations), "--out", str(config.out), "--workers", str(config.workers),
            "--shard-size", str(config.shard_size), "--partner-level", config.partner_level, "--no-progress"]
     for v in config.variants:
         cmd += ["--variant", v]
+    measured = measure_process(cmd, poll_s)
+    shutil.rmtree(config.out, ignore_errors=True)
+    return {"peak_rss_mib": measured["peak_rss_mib"], "seconds": measured["seconds"]}
+
+
+def measure_process(cmd: list[str], poll_s: float = 0.05) -> dict:
+    """Run ``cmd`` from the repository root: wall seconds, CPU seconds and peak RSS summed over its process tree.
+
+    Raises RuntimeError with the end of its stderr if it fails.
+    """
+    import psutil
+
     started = time.perf_counter()
     proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                         cwd=Path(__file__).resolve().parent.parent)
     peak = 0
+    cpu: dict[int, float] = {}
     stop = threading.Event()
 
     def poll() -> None:
         nonlocal peak
         while not stop.is_set():
             try:
-                tree = [proc, *proc.children(recursive=True)]
                 total = 0
-                for p in tree:
+                for p in [proc, *proc.children(recursive=True)]:
                     try:
                         total += p.memory_info().rss
+                        times = p.cpu_times()
+                        cpu[p.pid] = times.user + times.system
                     except psutil.Error:
                         pass
                 peak = max(peak, total)
@@ -190,9 +202,9 @@ def peak_rss_of_build(config: BuildConfig, poll_s: float = 0.05) -> dict:
     watcher.join()
     elapsed = time.perf_counter() - started
     if proc.returncode != 0:
-        raise RuntimeError(f"build failed ({proc.returncode}): {err.decode()[-500:]}")
-    shutil.rmtree(config.out, ignore_errors=True)
-    return {"peak_rss_mib": round(peak / 2**20, 1), "seconds": round(elapsed, 3)}
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed ({proc.returncode}): {err.decode()[-500:]}")
+    return {"peak_rss_mib": round(peak / 2**20, 1), "seconds": round(elapsed, 3),
+            "cpu_s_sampled": round(sum(cpu.values()), 2), "stderr": err.decode()}
 
 
 def evaluate(ratios: dict[str, float]) -> dict[str, dict]:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from eval.predictions import IN9_NOT_COMPUTED
-from pipeline.classes import in9_mapping
+from pipeline.classes import IN9_CLASSES, in9_mapping
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -219,7 +219,6 @@ def build_models(
 
 
 
-IN9_CLASSES = 9
 
 
 class In9Mapper:

@@ -18,11 +18,11 @@ import numpy as np
 from eval.metrics import in9_background_labels
 from eval.predictions import Predictions, read_predictions
 from eval.scores_csv import SCORES_NAME
-from pipeline.classes import imagenet_classes, in9_names
+from pipeline.classes import IN1K_CLASSES, IN9_CLASSES, imagenet_classes, in9_names
 from pipeline.variants import VARIANTS
 
 LABEL_SPACES = ("in1k", "in9")
-NUM_CLASSES = {"in1k": 1000, "in9": 9}
+NUM_CLASSES = {"in1k": IN1K_CLASSES, "in9": IN9_CLASSES}
 MAX_EXAMPLE_KEYS = 5
 
 

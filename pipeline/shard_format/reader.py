@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
+from pipeline.classes import IN9_CLASSES
 from pipeline.records import key_problem
 from pipeline.shard_format.errors import StreamError
 from pipeline.shard_format.locate import ShardRef
@@ -229,7 +230,7 @@ def parse_sample(
         if label is not None and "label" in meta and not (_is_int(meta["label"]) and meta["label"] == label):
             problems.append(f".{LABEL_EXTENSION} says {label}, .{META_EXTENSION} label is {str(meta['label'])[:20]!r}")
         in9 = meta.get("in9_label", -1)
-        if not (_is_int(in9) and -1 <= in9 < 9):
+        if not (_is_int(in9) and -1 <= in9 < IN9_CLASSES):
             problems.append(f".{META_EXTENSION} in9_label {str(in9)[:20]!r} is not -1..8")
         if build_config is not None:
             missing = [f for f in META_FIELDS if f not in meta]

@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pipeline.classes import IN1K_CLASSES
+
 # 2: members written by webdataset.TarWriter (sorted by extension), rejected inputs moved from the
 # manifest to rejected.jsonl (referenced by hash), the builder version in every manifest.
 FORMAT_VERSION = 2
@@ -59,7 +61,7 @@ TIMM_INFO_NAME = "_info.json"
 MAX_MEMBER_BYTES = 64 << 20
 MAX_MANIFEST_BYTES = 16 << 20
 MAX_JSON_BYTES = 1 << 20
-NUM_CLASSES = 1000
+NUM_CLASSES = IN1K_CLASSES  # .cls is 0..NUM_CLASSES-1; in9_label is -1..IN9_CLASSES-1
 
 
 def parse_json_object(data: bytes, what: str, limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
