@@ -43,7 +43,7 @@ TARGETS = {
     **{f"naive_speedup_{v}": ("ge", 2.0) for v in VARIANTS if v != "mixed_rand"},
     **{f"floor_ratio_{v}": ("le", 1.3) for v in VARIANTS},
     "one_pass_vs_separate": ("le", 0.35),
-    "worker_scaling": ("ge", 1.8),
+    "worker_scaling": ("ge", 1.85),
     "rss_growth": ("le", 1.25),
 }
 

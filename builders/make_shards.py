@@ -15,14 +15,14 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import astuple, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import builders.version
 from builders import partner_cache
 from builders.config import BuildConfig, ConfigError, list_recipes, load_recipe
 from builders.jobs import run_jobs
-from builders.plan import Plan, annotation_hash, make_plan, probe_batch
+from builders.plan import Plan, annotation_line, hash_lines, make_plan, probe_batch
 from builders.shards import (
     BUILD_DIR,
     ShardResult,
@@ -199,7 +199,10 @@ def _build_locked(config: BuildConfig, out: Path, progress: bool, note: Callable
 
     done: dict[tuple[str, int], ShardResult] = {}
     todo: list[tuple[int, list[str]]] = []
-    hashes = {(v, i): chunk_hash(config, plan, v, chunk, dropped[v]) for i, chunk in enumerate(chunks) for v in config.variants}
+    lines = AnnotationLines()
+    digests = [hash_lines(map(lines.of, chunk)) for chunk in chunks]
+    hashes = {(v, i): chunk_hash(config, plan, v, chunk, dropped[v], digests[i], lines)
+              for i, chunk in enumerate(chunks) for v in config.variants}
     for index in range(len(chunks)):
         missing = []
         for v in config.variants:
@@ -260,25 +263,37 @@ def _build_locked(config: BuildConfig, out: Path, progress: bool, note: Callable
     return manifests
 
 
-def chunk_hash(config: BuildConfig, plan: Plan, variant: str, chunk: list[SourceRecord], dropped_keys: set[str]) -> str:
+class AnnotationLines(dict):
+    """Each record's :func:`builders.plan.annotation_line`, made once per build (chunks and partners share them)."""
+
+    def of(self, record: SourceRecord) -> str:
+        line = self.get(record.key)
+        if line is None:
+            line = self[record.key] = annotation_line(record)
+        return line
+
+
+def chunk_hash(config: BuildConfig, plan: Plan, variant: str, chunk: list[SourceRecord], dropped_keys: set[str],
+               chunk_digest: str, lines: AnnotationLines) -> str:
     """What one shard is built from: the variant's config plus its chunk of the plan.
 
     A rerun keeps a finished shard only if this matches, so changed inputs
     (annotations, or the files themselves: their size and modification time),
     partners or textures rebuild the shards they touch instead of publishing
     shards written from an older plan. ``dropped_keys`` are the variant's
-    rejected keys (the whole plan's: looked up, never scanned, per chunk).
+    rejected keys (the whole plan's: looked up, never scanned, per chunk);
+    ``chunk_digest`` is the chunk's annotation hash, the same for every variant.
     """
     keys = [r.key for r in chunk]
     dropped = sorted(k for k in keys if k in dropped_keys)
     assignments = plan.assignments[variant]
-    chosen = [(k, list(astuple(assignments[k])) if k in assignments else None) for k in keys]
+    chosen = [(k, [a.bg_key, a.bg_label, a.texture] if (a := assignments.get(k)) is not None else None) for k in keys]
     partners = sorted({a[0] for _, a in chosen if a and a[0]})
     textures = sorted({a[2] for _, a in chosen if a and a[2]})
     files = [plan.stamps.get(k) for k in (*keys, *partners)] + [plan.stamps.get(f"texture:{t}") for t in textures]
     payload = json.dumps(
-        [config.variant_hash(variant), annotation_hash(chunk), dropped, chosen,
-         annotation_hash(plan.partners[k] for k in partners), files],
+        [config.variant_hash(variant), chunk_digest, dropped, chosen,
+         hash_lines(lines.of(plan.partners[k]) for k in partners), files],
         separators=(",", ":"),
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -20,7 +20,7 @@ import numpy as np
 
 from builders.config import BuildConfig
 from pipeline.classes import imagenet_classes, to_in9
-from pipeline.decode import SOURCE_FORMATS, TEXTURE_SUFFIXES, exif_transpose_code, open_image
+from pipeline.decode import SOURCE_FORMATS, TEXTURE_SUFFIXES, image_header
 from pipeline.files import open_regular, read_regular
 from pipeline.frame import clip_box, rasterize_boxes
 from pipeline.masks import SelectionFilters
@@ -119,8 +119,7 @@ def probe_record(record: SourceRecord, config: BuildConfig) -> Probe:
     """Header-only geometry: frame, framed boxes and selection filters, no pixel decode."""
     try:
         with open_regular(record.image) as fh:
-            img = open_image(fh, formats=SOURCE_FORMATS)  # the header only: size and EXIF orientation
-            stored_size, orientation = img.size, exif_transpose_code(img)
+            stored_size, orientation = image_header(fh, SOURCE_FORMATS)  # no pixel decode
             stamp = file_stamp(os.fstat(fh.fileno()))
     except OSError as exc:
         raise input_error(record.image, config, exc) from None
@@ -193,19 +192,28 @@ def selected_classes(spec: str) -> set[int] | None:
 def annotation_hash(items: Iterable[SourceRecord | Rejection]) -> str:
     """sha256 over the canonical JSON of what the reader produced: identifies the annotation set.
 
-    One line per item, ``json.dumps(row, separators=(",", ":"))`` of
-    ``[key, label, wnid, boxes, segmentation kind, size]`` or
-    ``["rejected", key, reason]``, hashed a few thousand lines at a time.
+    One line per item (:func:`annotation_line`), hashed by :func:`hash_lines`.
     """
+    return hash_lines(map(annotation_line, items))
+
+
+def annotation_line(item: SourceRecord | Rejection) -> str:
+    """``json.dumps(row, separators=(",", ":"))`` of ``[key, label, wnid, boxes, segmentation kind, size]``
+    or ``["rejected", key, reason]``."""
+    return json.dumps(_hash_row(item), separators=(",", ":"))
+
+
+def hash_lines(lines: Iterable[str]) -> str:
+    """sha256 of the lines, each ending in a newline (a few thousand hashed at a time)."""
     h = hashlib.sha256()
-    lines: list[str] = []
-    for item in items:
-        lines.append(json.dumps(_hash_row(item), separators=(",", ":")))
-        if len(lines) == 4096:
-            h.update("\n".join(lines).encode() + b"\n")
-            lines.clear()
-    if lines:
-        h.update("\n".join(lines).encode() + b"\n")
+    batch: list[str] = []
+    for line in lines:
+        batch.append(line)
+        if len(batch) == 4096:
+            h.update("\n".join(batch).encode() + b"\n")
+            batch.clear()
+    if batch:
+        h.update("\n".join(batch).encode() + b"\n")
     return h.hexdigest()
 
 
@@ -421,6 +429,8 @@ __all__ = [
     "pick_texture",
     "PartnerPools",
     "annotation_hash",
+    "annotation_line",
+    "hash_lines",
     "list_textures",
     "group_of",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import io
 import json
 import os
 from collections import Counter
@@ -296,3 +297,81 @@ def test_gc_paused_restores_collection():
         assert not gc.isenabled()  # left as it was
     finally:
         gc.enable()
+
+
+# --------------------------------------------------------------------------- the header probe
+
+
+def _pil_header(path: Path) -> tuple[tuple[int, int], int] | str:
+    """What PIL reports (the reference), or the rejection reason open_image raises."""
+    from pipeline.records import RejectedInput
+
+    try:
+        with open(path, "rb") as fh:
+            img = open_image(fh, formats=SOURCE_FORMATS)
+            return img.size, exif_transpose_code(img)
+    except RejectedInput as exc:
+        return exc.reason
+
+
+def _probe(path: Path) -> tuple[tuple[int, int], int] | str:
+    from pipeline.decode import image_header
+    from pipeline.records import RejectedInput
+
+    try:
+        with open(path, "rb") as fh:
+            return image_header(fh, SOURCE_FORMATS)
+    except RejectedInput as exc:
+        return exc.reason
+
+
+def _odd_jpegs(folder: Path) -> list[Path]:
+    """JPEGs whose headers take the unusual paths: EXIF in both byte orders, XMP, two Exif segments, progressive."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    out = []
+
+    def save(name: str, data: bytes) -> None:
+        out.append(folder / name)
+        out[-1].write_bytes(data)
+
+    for orientation in (1, 3, 6, 8, 0):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="JPEG", exif=exif.tobytes())
+        save(f"exif{orientation}.jpg", buf.getvalue())
+    little = out[2].read_bytes()  # Pillow writes little-endian EXIF; big-endian by hand: MM, IFD at 8, one entry
+    tiff = b"MM\x00*" + (8).to_bytes(4, "big") + (1).to_bytes(2, "big") + bytes.fromhex("0112 0003 00000001 0006 0000")
+    segment = b"Exif\x00\x00" + tiff + b"\x00\x00\x00\x00"
+    app1 = b"\xff\xe1" + (len(segment) + 2).to_bytes(2, "big") + segment
+    plain = io.BytesIO()
+    Image.fromarray(pixels).save(plain, format="JPEG")
+    save("exif_big_endian.jpg", plain.getvalue()[:2] + app1 + plain.getvalue()[2:])
+    save("two_exif.jpg", little[:2] + app1 + little[2:])
+    xmp = b"http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta><tiff:Orientation>6</tiff:Orientation></x:xmpmeta>"
+    save("xmp.jpg", plain.getvalue()[:2] + b"\xff\xe1" + (len(xmp) + 2).to_bytes(2, "big") + xmp + plain.getvalue()[2:])
+    progressive = io.BytesIO()
+    Image.fromarray(pixels).save(progressive, format="JPEG", progressive=True)
+    save("progressive.jpg", progressive.getvalue())
+    save("header_cut.jpg", plain.getvalue()[:120])
+    return out
+
+
+def test_the_header_probe_reports_what_pil_reports(tmp_path):
+    from bench.imagenet_tree import make_val_tree as make_tree
+    from tests.bad_inputs import make_bad_val_tree
+
+    corpus = make_bad_val_tree(tmp_path / "bad")
+    images, _ = make_tree(tmp_path / "tree", 40, photo_like=True)
+    paths = [*sorted(corpus.images.iterdir()), *sorted(images.iterdir()), *_odd_jpegs(tmp_path)]
+    paths = [p for p in paths if p.is_file() and not p.is_symlink()]
+    assert len(paths) > 60
+    mismatches = [(p.name, _probe(p), _pil_header(p)) for p in paths if _probe(p) != _pil_header(p)]
+    assert not mismatches
+    from pipeline.decode import jpeg_header
+
+    fast = [p.name for p in paths if jpeg_header(p.read_bytes()[:65536]) is not None]
+    assert len(fast) >= 40 and "exif6.jpg" in fast and "exif_big_endian.jpg" in fast  # the fast path is taken
+    assert not {"xmp.jpg", "two_exif.jpg", "header_cut.jpg"} & set(fast)  # and left to PIL where it is unsure
+    assert _probe(tmp_path / "exif_big_endian.jpg") == ((40, 30), 6) and _probe(tmp_path / "xmp.jpg")[1] == 6
