@@ -85,7 +85,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--shard-size", type=int, help="source images per shard (default 1000)")
     p.add_argument("--format", choices=list(IMAGE_CODECS), help="image encoding (default jpg)")
     p.add_argument("--quality", type=int, help="JPEG/WebP quality (default 95)")
-    p.add_argument("--with-masks", action="store_true", default=None, help="also store <key>.mask.png")
+    p.add_argument("--with-masks", action=argparse.BooleanOptionalAction, default=None,
+                   help="also store <key>.mask.png (default: on for --source demo, so the Backgrounds Challenge runs "
+                   "on it out of the box; off otherwise)")
     p.add_argument("--partner-cache-limit", type=float, metavar="GB",
                    help="disk the mixed variants may use for framed sources under <out>/.partner-cache, so each "
                    "source is decoded once per build (default 16; 0 = off; removed when the build ends; with "
@@ -115,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, argparse.Nam
             for part in v.split(","):
                 chosen.extend(VARIANTS if part == "all" else [part])
         values["variants"] = tuple(dict.fromkeys(chosen))
+    if values.get("with_masks") is None and values.get("source", BuildConfig.source) == "demo":
+        values["with_masks"] = True  # the challenge's foregrounds need them; the demo is small
     known = {f.name for f in fields(BuildConfig)}
     config = replace(BuildConfig(), **{k: v for k, v in values.items() if k in known})
     if "variants" in values:
