@@ -43,6 +43,18 @@ def _watch_main_process(main_pid: int) -> None:
     threading.Thread(target=watch, name="watch-main-process", daemon=True).start()
 
 
+def _start_worker(main_pid: int) -> None:
+    """A local worker's start: watch the main process, then import the chunk builder before any task.
+
+    loky measures a worker's memory after its first task and restarts one that
+    grows by 300 MB beyond it as leaking. A worker whose first task was a probe
+    batch then grew by importing the chunk builder (webdataset imports torch,
+    about 0.5 GB): it was restarted, with a warning, and paid the import twice.
+    """
+    _watch_main_process(main_pid)
+    import builders.shards  # noqa: F401
+
+
 def _tagged(i: int, fn: Callable, args: tuple, kwargs: dict) -> tuple[int, Any]:
     return i, fn(*args, **kwargs)
 
@@ -84,7 +96,7 @@ def run_jobs(config: BuildConfig, calls: list, weights: list[int], desc: str, pr
             stream = joblib.Parallel(return_as="generator_unordered")(tagged)
         elif local:
             # every worker, busy or idle, watches this process from the moment it starts
-            stack.enter_context(joblib.parallel_config(backend="loky", initializer=_watch_main_process,
+            stack.enter_context(joblib.parallel_config(backend="loky", initializer=_start_worker,
                                                        initargs=(os.getpid(),)))
             stream = joblib.Parallel(n_jobs=n_jobs, return_as="generator_unordered")(tagged)
         else:

@@ -438,3 +438,17 @@ def test_a_builder_version_bump_rebuilds_instead_of_keeping_stale_shards(tree, t
     assert all(rewritten[name] != stamp for name, stamp in stamps.items())  # every shard rebuilt
     assert bumped.builder_version == "99.0.0" and bumped.config["builder_version"] == "99.0.0"
     assert bumped.config_hash != first.config_hash
+
+
+def test_local_workers_import_the_chunk_builder_before_their_first_task(tmp_path):
+    """loky restarts a worker that grows 300 MB after its first task: the heavy import must come first."""
+    import joblib
+
+    from builders.config import BuildConfig
+    from builders.jobs import _stop_local_workers, run_jobs
+
+    _stop_local_workers()  # fresh workers
+    config = BuildConfig(out=str(tmp_path), workers=2).validate()
+    probe = "'builders.shards' in __import__('sys').modules"
+    calls = [joblib.delayed(eval)(probe) for _ in range(4)]
+    assert run_jobs(config, calls, [1] * 4, "plan", progress=False) == [True] * 4
