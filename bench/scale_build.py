@@ -72,7 +72,7 @@ def build_recipe(recipe: str, images: Path, boxes: Path, out: Path, workers: int
 
 
 def project(row: dict[str, Any], n_tree: int, plan_s_per_million: float) -> dict[str, Any]:
-    """Hours for ImageNet val and train on 16 and 64 cores, and the storage load it implies."""
+    """Minutes for ImageNet val and train on 16 and 64 cores (plan on one core), and the write load it implies."""
     rate = row["images_per_s_per_core"]
     fraction = row["sources_accepted"] / n_tree
     per_source_bytes = row["bytes_total"] / max(row["sources_accepted"], 1)
@@ -82,7 +82,7 @@ def project(row: dict[str, Any], n_tree: int, plan_s_per_million: float) -> dict
         plan_s = plan_s_per_million * n_images / 1e6
         for cores in CORES:
             build_s = accepted / (rate * cores)
-            out[f"{split}_{cores}_cores_h"] = round((plan_s + build_s) / 3600, 2)
+            out[f"{split}_{cores}_cores_min"] = round((plan_s + build_s) / 60, 1)
             out[f"{split}_{cores}_cores_write_mb_s"] = round(accepted * per_source_bytes / build_s / 1e6, 1)
         out[f"{split}_partner_cache_gb"] = round(accepted * PARTNER_CACHE_ROW_BYTES / 1e9, 1)
     return out
