@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import html
 import json
 import re
 import shutil
@@ -30,26 +29,16 @@ from eval.stream import samples
 from tests.test_challenge import N_IMAGES, build, run_challenge, trained
 from tests.test_ground_truth import SCORE_ARGS, _quiet_torchscript, write_registry, write_val_tree
 from tests.test_report import PNG_MAGIC, colored_pixels
-from tests.test_report_html import _chromium, needs_chromium
+from tests.test_report_html import LOAD_LAZY_IMAGES, _probe, needs_chromium
 
 FAILED = "broken"
 FAILED_ERROR = "weights unavailable: broken.pt not found"
 GALLERY_SIZE = 4
 # Injected into a copy of the page: bring each (lazy) image of the challenge section into view, wait for it,
 # then say what the browser rendered.
-PROBE = """<script>
+PROBE = """<script>""" + LOAD_LAZY_IMAGES + """
 window.addEventListener('load', async () => {
-  const imgs = [...document.querySelectorAll('#challenge-section img')];
-  for (const img of imgs) {
-    img.scrollIntoView();
-    if (!img.complete || img.naturalWidth === 0) {
-      await new Promise(done => {
-        img.addEventListener('load', done, {once: true});
-        img.addEventListener('error', done, {once: true});
-        setTimeout(done, 3000);
-      });
-    }
-  }
+  const imgs = await loadLazyImages('#challenge-section img');
   const b = document.body.dataset;
   b.probeImages = String(imgs.length);
   b.probeBroken = JSON.stringify(imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt));
@@ -333,14 +322,8 @@ def test_a_tampered_summary_is_noted(world, tmp_path):
 @needs_chromium
 def test_chromium_renders_the_challenge_section(built, tmp_path):
     out, summary = built
-    probed = out / "probed-report.html"
-    probed.write_text((out / "report.html").read_text().replace("</body>", PROBE + "</body>"))
-    proc = _chromium("--virtual-time-budget=10000", "--dump-dom", probed.resolve().as_uri(),
-                     user_dir=tmp_path / "profile")
-    body = re.search(r"<body([^>]*)>", proc.stdout)
-    assert body, proc.stderr[-2000:]
-    attrs = {k: html.unescape(v) for k, v in re.findall(r'data-probe-(\w+)="([^"]*)"', body.group(1))}
-    assert attrs.get("done") == "1", proc.stderr[-2000:]
+    attrs, log = _probe(out / "report.html", tmp_path, PROBE)
+    assert attrs.get("done") == "1", log[-2000:]
     assert json.loads(attrs["broken"]) == []
     sections = summary["challenge"]["gallery"]["sections"]
     assert int(attrs["rows"]) == sum(map(len, sections.values())) > 0

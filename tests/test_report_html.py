@@ -33,14 +33,11 @@ CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "
                                                "google-chrome-stable")) if p), None)
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install -y chromium)")
 
-# Injected into a copy of the page (the page itself carries no script): after load, write what the
-# browser actually rendered into data attributes that --dump-dom shows.
-PROBE = """<script>
-window.addEventListener('load', async () => {
-  const b = document.body.dataset;
-  // Gallery thumbnails load lazily: bring each into view and wait for it (or its failure) before counting.
-  const thumbs = [...document.querySelectorAll('#gallery img')];
-  for (const img of thumbs) {
+# A probe's helper: bring each lazy image of ``selector`` into view and wait for it (or its failure).
+LOAD_LAZY_IMAGES = """
+async function loadLazyImages(selector) {
+  const imgs = [...document.querySelectorAll(selector)];
+  for (const img of imgs) {
     img.scrollIntoView();
     if (!img.complete || img.naturalWidth === 0) {
       await new Promise(done => {
@@ -50,6 +47,16 @@ window.addEventListener('load', async () => {
       });
     }
   }
+  return imgs;
+}
+"""
+# Injected into a copy of the page (the page itself carries no script): after load, write what the
+# browser actually rendered into data attributes that --dump-dom shows.
+PROBE = """<script>""" + LOAD_LAZY_IMAGES + """
+window.addEventListener('load', async () => {
+  const b = document.body.dataset;
+  // Gallery thumbnails load lazily: wait for each (or its failure) before counting.
+  const thumbs = await loadLazyImages('#gallery img');
   b.probeThumbs = String(thumbs.length);
   b.probeLoaded = String(thumbs.filter(i => i.complete && i.naturalWidth > 0).length);
   b.probeLazy = String(thumbs.filter(i => i.getAttribute('loading') === 'lazy').length);
@@ -118,10 +125,10 @@ def _chromium(*args: str, user_dir: Path) -> subprocess.CompletedProcess:
     )
 
 
-def _probe(html_path: Path, tmp_path: Path) -> tuple[dict, str]:
-    """Open a probed copy of the page next to the original; return the data attributes and the browser log."""
+def _probe(html_path: Path, tmp_path: Path, probe: str = PROBE) -> tuple[dict, str]:
+    """Open a copy of the page with ``probe`` next to the original; return the data attributes and the browser log."""
     probed = html_path.with_name("probed-" + html_path.name)
-    probed.write_text(html_path.read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"), encoding="utf-8")
+    probed.write_text(html_path.read_text(encoding="utf-8").replace("</body>", probe + "</body>"), encoding="utf-8")
     proc = _chromium("--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000", "--dump-dom",
                      probed.resolve().as_uri(), user_dir=tmp_path / "profile-dom")
     body = re.search(r"<body([^>]*)>", proc.stdout)
