@@ -39,7 +39,6 @@ DEFAULT_CACHE = Path(tempfile.gettempdir()) / "bgcheck-bench-trees"
 RECIPES = ("background_check", "imagenet9")
 IMAGENET = {"val": 50_000, "train_with_boxes": 544_546}
 CORES = (16, 64)
-PARTNER_CACHE_ROW_BYTES = 224 * 224 * 3 + 2 * (224 * 224 // 8) + 40
 
 
 def variant_bytes(out: Path) -> dict[str, dict[str, Any]]:
@@ -73,6 +72,9 @@ def build_recipe(recipe: str, images: Path, boxes: Path, out: Path, workers: int
 
 def project(row: dict[str, Any], n_tree: int, plan_s_per_million: float) -> dict[str, Any]:
     """Minutes for ImageNet val and train on 16 and 64 cores (plan on one core), and the write load it implies."""
+    from builders.config import BuildConfig
+    from builders.partner_cache import total_bytes
+
     rate = row["images_per_s_per_core"]
     fraction = row["sources_accepted"] / n_tree
     per_source_bytes = row["bytes_total"] / max(row["sources_accepted"], 1)
@@ -84,7 +86,7 @@ def project(row: dict[str, Any], n_tree: int, plan_s_per_million: float) -> dict
             build_s = accepted / (rate * cores)
             out[f"{split}_{cores}_cores_min"] = round((plan_s + build_s) / 60, 1)
             out[f"{split}_{cores}_cores_write_mb_s"] = round(accepted * per_source_bytes / build_s / 1e6, 1)
-        out[f"{split}_partner_cache_gb"] = round(accepted * PARTNER_CACHE_ROW_BYTES / 1e9, 1)
+        out[f"{split}_partner_cache_gb"] = round(total_bytes(round(accepted), BuildConfig().size) / 1e9, 1)
     return out
 
 
