@@ -32,7 +32,7 @@ from builders.shards import (
 )
 from pipeline.classes import to_in9
 from pipeline.cli import OneLineParser
-from pipeline.files import atomic_write_text
+from pipeline.files import atomic_write_text, remove_temporaries
 from pipeline.frame import FRAME_INTERPOLATIONS
 from pipeline.locks import FolderBusy, exclusive
 from pipeline.masks import MASK_SOURCES
@@ -309,10 +309,8 @@ def _clear_stale(out: Path, config: BuildConfig, n_chunks: int) -> None:
         folder = out / v
         if not folder.is_dir():
             continue
-        for tmp in folder.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
-        for tmp in (folder / BUILD_DIR).glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
+        remove_temporaries(folder)
+        remove_temporaries(folder / BUILD_DIR)
         index = n_chunks
         while (folder / shard_name(v, index)).exists():
             (folder / shard_name(v, index)).unlink()

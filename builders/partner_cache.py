@@ -50,7 +50,7 @@ import numpy as np
 
 import builders.version
 from builders.config import BuildConfig
-from pipeline.files import atomic_write_text, temporary_path
+from pipeline.files import atomic_write_text, remove_temporaries, temporary_path
 from pipeline.frame import Frame
 from pipeline.prepare import PreparedSample
 from pipeline.records import RejectedInput, SourceRecord
@@ -363,10 +363,7 @@ def plan_cache(config: BuildConfig, plan: Plan, chunks: list[list[SourceRecord]]
 
 def clear_temporary(out: str | Path) -> None:
     """Drop the partial files of killed runs (the caller holds the build lock)."""
-    folder = cache_folder(out)
-    if folder.is_dir():
-        for tmp in folder.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
+    remove_temporaries(cache_folder(out))
 
 
 def remove(out: str | Path) -> None:

@@ -90,6 +90,14 @@ def temporary_path(path: str | Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
+def remove_temporaries(folder: str | Path) -> None:
+    """Delete what killed writers left under :func:`temporary_path` names in ``folder`` (the caller holds its lock)."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for tmp in folder.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write via a temporary name in the same folder, then rename: readers never see half a file.
 
