@@ -16,13 +16,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from builders.config import BuildConfig
 from pipeline.classes import imagenet_classes, to_in9
 from pipeline.decode import SOURCE_FORMATS, TEXTURE_SUFFIXES, image_header
 from pipeline.files import open_regular, read_regular
-from pipeline.frame import clip_box, rasterize_boxes
+from pipeline.frame import clip_box
 from pipeline.masks import SelectionFilters
 from pipeline.prepare import sample_geometry
 from pipeline.records import RejectedInput, Rejection, SourceRecord, gc_paused
@@ -130,20 +128,12 @@ def probe_header(
     record: SourceRecord, stored_size: tuple[int, int], orientation: int, stamp: str, config: BuildConfig
 ) -> Probe:
     """What :func:`probe_record` concludes once it has read the header (the benchmark feeds it known headers)."""
-    # box_too_large is check_selection's last rule; it is decided here by counting the same raster's
-    # pixels (the mean of a bool mask is that count over its size, exactly) instead of numpy's
-    # mean, which costs more than the rest of the probe's geometry together
     geo = sample_geometry(
-        record, stored_size, orientation, size=config.size, resize=config.resize,
-        filters=SelectionFilters(config.exactly_one_box, None, config.max_box_cropped),
+        record, stored_size, orientation, size=config.size, resize=config.resize, filters=filters_of(config)
     )
     size = config.size
     failures = geo.failures
     clipped = [clip_box(b, size) for b in geo.framed]
-    if config.max_box_fraction is not None:
-        union = rasterize_boxes(clipped, size)
-        if np.count_nonzero(union) / union.size > config.max_box_fraction:
-            failures = [*failures, "box_too_large"]
     # a strip of background outside the boxes (clipped or not, the same answer: size >= 8)
     has_strip = (
         min(b[0] for b in clipped) >= 1 or min(b[1] for b in clipped) >= 1
